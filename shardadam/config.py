@@ -1,0 +1,261 @@
+"""Settings of ShardedAdam: names, allowed values and their validation.
+
+This module knows no torch: values that may be tensors are recognised by duck typing, so the
+rules below hold for the YAML configs of the training app as much as for Python callers.
+
+Note [Keras names and torch keys]
+    ShardedAdam takes Keras's argument names, while torch's LR schedulers and tooling read
+    torch's keys from ``param_groups``. ``GROUP_KEYS`` is the one table that maps the first onto
+    the second; the README reproduces it. Per-group hyperparameters live only under torch's keys
+    and are read from ``param_groups`` at every step.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+# Keras argument name -> (param_group key, index within a tuple-valued key or None).
+GROUP_KEYS: dict[str, tuple[str, int | None]] = {
+    "learning_rate": ("lr", None),
+    "beta_1": ("betas", 0),
+    "beta_2": ("betas", 1),
+    "epsilon": ("eps", None),
+    "weight_decay": ("weight_decay", None),
+    "amsgrad": ("amsgrad", None),
+    "clipnorm": ("clipnorm", None),
+    "clipvalue": ("clipvalue", None),
+}
+
+# Keys that the optimizer adds to every param group besides GROUP_KEYS' targets.
+# ``lr_schedule`` holds a schedule or zero-argument callable when the learning rate is one;
+# ``lr`` then holds the value the last step used.
+LR_SCHEDULE_KEY = "lr_schedule"
+
+# Arguments that hold for the whole optimizer and may not be overridden per group, with why.
+OPTIMIZER_WIDE = {
+    "global_clipnorm": "it clips by the norm over all parameters",
+    "use_ema": "the EMA is kept for every parameter",
+    "ema_momentum": "the EMA is kept for every parameter",
+    "ema_overwrite_frequency": "the EMA is kept for every parameter",
+    "loss_scale_factor": "gradients are unscaled once for all parameters",
+    "gradient_accumulation_steps": "all parameters step together",
+    "jit_compile": "it is a property of the optimizer",
+    "name": "it is a property of the optimizer",
+}
+
+STAGES = (1, 2)
+COMM_MODES = ("auto", "native", "ring", "all_reduce")
+
+
+def _is_tensor(value: Any) -> bool:
+    return hasattr(value, "dim") and hasattr(value, "dtype")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_learning_rate(value: Any, where: str = "learning_rate") -> None:
+    """Accept a non-negative number, a 0-d floating tensor, a schedule or a callable."""
+    if _is_tensor(value):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(
+                f"Invalid {where}: a tensor learning rate must be a 0-d floating tensor, "
+                f"got shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        return
+    if callable(value):
+        return
+    if not _is_number(value):
+        raise TypeError(
+            f"Invalid {where}: {value!r} (expected a float, an int, a 0-d floating tensor, a "
+            "shardadam.schedules schedule, or a callable that takes no arguments)"
+        )
+    check_number_range(value, where, low=0.0)
+
+
+def check_beta(value: Any, where: str) -> None:
+    """Accept a float in [0, 1) or a zero-argument callable returning one."""
+    if callable(value):
+        return
+    if _is_tensor(value) and value.dim() == 0:
+        value = float(value)
+    if not _is_number(value):
+        raise TypeError(
+            f"Invalid {where}: {value!r} (expected a float in [0, 1) or a callable that takes "
+            "no arguments and returns one)"
+        )
+    check_beta_value(float(value), where)
+
+
+def check_beta_value(value: float, where: str) -> None:
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"Invalid {where}: {value} (expected 0 <= {where} < 1)")
+
+
+def check_number_range(
+    value: Any,
+    where: str,
+    low: float | None = None,
+    low_open: bool = False,
+    high: float | None = None,
+    optional: bool = False,
+) -> None:
+    """Check that ``value`` is a finite real number in the given range (None when optional)."""
+    if value is None and optional:
+        return
+    if not _is_number(value):
+        kind = "a number or None" if optional else "a number"
+        raise TypeError(f"Invalid {where}: {value!r} (expected {kind})")
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"Invalid {where}: {value} (expected a finite number)")
+    if low is not None and (value <= low if low_open else value < low):
+        rule = f"{where} > {low}" if low_open else f"{where} >= {low}"
+        if high is not None:
+            rule += f" and {where} <= {high}"
+        raise ValueError(f"Invalid {where}: {value} (expected {rule})")
+    if high is not None and value > high:
+        raise ValueError(f"Invalid {where}: {value} (expected {where} <= {high})")
+
+
+def check_positive_int(value: Any, where: str, minimum: int, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(
+            f"Invalid {where}: {value!r} (expected an integer >= {minimum}"
+            + (" or None)" if optional else ")")
+        )
+
+
+def check_bool(value: Any, where: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {where}: {value!r} (expected True or False)")
+
+
+def check_clip_exclusive(clipnorm: Any, clipvalue: Any, global_clipnorm: Any, where: str) -> None:
+    """Keras allows at most one of the three clipping arguments."""
+    if sum(a is not None for a in (clipnorm, clipvalue, global_clipnorm)) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+            f"Received: clipnorm={clipnorm}, clipvalue={clipvalue}, "
+            f"global_clipnorm={global_clipnorm}{where}"
+        )
+
+
+def group_from_keras_names(overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """Translate a param-group dict given with Keras names into torch's keys.
+
+    Torch keys pass through unchanged; a value given under both names is an error.
+    """
+    group = {k: v for k, v in overrides.items() if k not in GROUP_KEYS}
+    for keras_name, value in overrides.items():
+        if keras_name in OPTIMIZER_WIDE:
+            raise ValueError(
+                f"Invalid {where}: {keras_name!r} cannot be set per param group, because "
+                f"{OPTIMIZER_WIDE[keras_name]}; pass it to ShardedAdam itself"
+            )
+        if keras_name not in GROUP_KEYS:
+            continue
+        key, index = GROUP_KEYS[keras_name]
+        if index is None:
+            if key in overrides:
+                raise ValueError(
+                    f"Invalid {where}: both {keras_name!r} and {key!r} are given; use one"
+                )
+            group[key] = value
+        else:
+            if "betas" in overrides:
+                raise ValueError(
+                    f"Invalid {where}: both {keras_name!r} and 'betas' are given; use one"
+                )
+            betas = list(group.get("betas", (None, None)))
+            betas[index] = value
+            group["betas"] = tuple(betas)
+    return group
+
+
+def check_group(group: dict[str, Any], where: str) -> None:
+    """Validate the hyperparameters of one param group (torch keys; see GROUP_KEYS)."""
+    schedule = group.get(LR_SCHEDULE_KEY)
+    check_learning_rate(schedule if schedule is not None else group["lr"], f"learning_rate{where}")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"Invalid betas{where}: {betas!r} (expected a pair (beta_1, beta_2))")
+    check_beta(betas[0], f"beta_1{where}")
+    check_beta(betas[1], f"beta_2{where}")
+    check_number_range(group["eps"], f"epsilon{where}", low=0.0)
+    check_number_range(group["weight_decay"], f"weight_decay{where}", low=0.0)
+    check_bool(group["amsgrad"], f"amsgrad{where}")
+    check_number_range(group["clipnorm"], f"clipnorm{where}", low=0.0, low_open=True, optional=True)
+    check_number_range(
+        group["clipvalue"], f"clipvalue{where}", low=0.0, low_open=True, optional=True
+    )
+    if group["clipnorm"] is not None and group["clipvalue"] is not None:
+        check_clip_exclusive(group["clipnorm"], group["clipvalue"], None, where)
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """Arguments of ShardedAdam that hold for all its parameters."""
+
+    global_clipnorm: float | None = None
+    """Clip all gradients together so that their joint L2 norm is at most this."""
+    use_ema: bool = False
+    """Keep an exponential moving average of every parameter."""
+    ema_momentum: float = 0.99
+    """Weight of the old average in each EMA update."""
+    ema_overwrite_frequency: int | None = None
+    """Write the averages into the parameters after every this many steps."""
+    loss_scale_factor: float | None = None
+    """Divide gradients by this before anything else (the loss was multiplied by it)."""
+    gradient_accumulation_steps: int | None = None
+    """Apply the mean gradient of this many calls to step() once."""
+    jit_compile: bool = True
+    """Run the per-shard update as one torch.compile'd kernel."""
+    name: str = "Adam"
+    """Prefix of the optimizer's state names in state_dict()."""
+
+    def __post_init__(self) -> None:
+        check_number_range(
+            self.global_clipnorm, "global_clipnorm", low=0.0, low_open=True, optional=True
+        )
+        check_bool(self.use_ema, "use_ema")
+        check_number_range(self.ema_momentum, "ema_momentum", low=0.0, high=1.0)
+        check_positive_int(self.ema_overwrite_frequency, "ema_overwrite_frequency", minimum=1)
+        check_number_range(
+            self.loss_scale_factor, "loss_scale_factor", low=0.0, low_open=True, optional=True
+        )
+        check_positive_int(
+            self.gradient_accumulation_steps, "gradient_accumulation_steps", minimum=2
+        )
+        check_bool(self.jit_compile, "jit_compile")
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise ValueError(
+                f"Invalid name: {self.name!r} (expected a non-empty string without '/')"
+            )
+
+
+@dataclass(frozen=True)
+class ShardingOptions:
+    """How ShardedAdam splits its state across the ranks of a process group."""
+
+    stage: int = 2
+    """ZeRO stage: 1 shards optimizer state; 2 also shards reduced gradients."""
+    bucket_cap_mb: float = 25.0
+    """Size of the gradient buckets reduced while backward runs, in MiB."""
+    comm: str = "auto"
+    """Collectives to use: auto (per backend), native, ring (point-to-point) or all_reduce."""
+    align_numel: int = 16
+    """Each parameter starts at a multiple of this many elements in its flat buffer."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES or isinstance(self.stage, bool):
+            raise ValueError(f"Invalid stage: {self.stage!r} (expected one of {STAGES})")
+        check_number_range(self.bucket_cap_mb, "bucket_cap_mb", low=0.0, low_open=True)
+        if self.comm not in COMM_MODES:
+            raise ValueError(f"Invalid comm: {self.comm!r} (expected one of {COMM_MODES})")
+        check_positive_int(self.align_numel, "align_numel", minimum=1, optional=False)

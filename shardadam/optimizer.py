@@ -1,0 +1,825 @@
+"""ShardedAdam: Keras 3's Adam as a torch optimizer over flat, sharded buffers."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import comm
+from .buffers import FlatBuffer
+from .config import (
+    LR_SCHEDULE_KEY,
+    OptimizerOptions,
+    ShardingOptions,
+    check_beta_value,
+    check_clip_exclusive,
+    check_group,
+    check_learning_rate,
+    group_from_keras_names,
+)
+from .functional import (
+    UpdateScalars,
+    adam_shard_step_,
+    clip_by_norm_,
+    ema_shard_step_,
+    global_clip_scale,
+    piece_squared_norms,
+    squared_norm,
+    update_scalars,
+)
+from .kernels import UpdateRunner
+from .layout import build_layout
+
+_GRAD_SCALE = UpdateScalars._fields.index("grad_scale")
+
+# Names of the per-parameter state entries (after the "<name>/" prefix), as Keras names them.
+MOMENTUM, VELOCITY, VELOCITY_HAT = "momentum", "velocity", "velocity_hat"
+AVERAGE, MASTER, ACCUMULATOR = "average", "master", "gradient_accumulator"
+OWNED_RANGE = "owned_range"
+
+
+@dataclasses.dataclass
+class ShardState:
+    """The optimizer state of one buffer's owned shard, in the compute dtype."""
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    exp_avg_sq_max: Tensor | None = None
+    ema: Tensor | None = None
+    master: Tensor | None = None
+    """fp32 copy of a low-precision shard; the update runs on it."""
+    grad_accumulator: Tensor | None = None
+
+    def entries(self) -> dict[str, Tensor]:
+        named = {
+            MOMENTUM: self.exp_avg,
+            VELOCITY: self.exp_avg_sq,
+            VELOCITY_HAT: self.exp_avg_sq_max,
+            AVERAGE: self.ema,
+            MASTER: self.master,
+            ACCUMULATOR: self.grad_accumulator,
+        }
+        return {k: v for k, v in named.items() if v is not None}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_step_schedule(schedule: Callable) -> bool:
+    """Keras-style schedules take the step counter; other callables take no argument."""
+    return any(cls.__name__ == "LearningRateSchedule" for cls in type(schedule).__mro__)
+
+
+def _split_learning_rate(learning_rate: Any) -> tuple[Any, Callable | None]:
+    """(value for group["lr"], schedule or callable or None)."""
+    if isinstance(learning_rate, Tensor) or not callable(learning_rate):
+        return learning_rate, None
+    value = learning_rate(0) if _is_step_schedule(learning_rate) else learning_rate()
+    return float(value), learning_rate
+
+
+class ShardedAdam(torch.optim.Optimizer):
+    """Adam with Keras 3's semantics, whose state is sharded across the ranks of a group.
+
+    Update rule (Keras's, see Note [Keras scalars] in ``functional``): per step t, after
+    unscaling (``loss_scale_factor``), gradient accumulation and clipping,
+    ``p *= 1 - weight_decay*lr``; ``m = b1*m + (1-b1)*g``; ``v = b2*v + (1-b2)*g^2``;
+    ``p -= lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v)+epsilon)`` (AMSGrad: v replaced by its
+    running max); then the EMA ``avg = m*avg + (1-m)*p`` (``avg = p`` at the first step).
+
+    Communication: parameters of one (param group, dtype, device) live in a flat buffer split
+    into ``world_size`` equal shards; rank r keeps the state of shard r only. At ``step()``
+    gradients are averaged over ranks, norms for clipping are summed over ranks, each rank
+    updates its shard, and the shards are all-gathered back. Without an initialised process
+    group the collectives are no-ops and the same code runs in one process.
+
+    State dict: torch's format: ``state`` maps each parameter's index to
+    ``{"<name>/momentum", "<name>/velocity", ...}`` tensors shaped like the parameter (a 1-D
+    piece plus ``"<name>/owned_range"`` where a rank owns part of it); ``param_groups`` hold
+    torch's keys; ``shardadam`` holds the step counter, options and weight-decay exclusions.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        learning_rate: Any = 0.001,
+        beta_1: Any = 0.9,
+        beta_2: Any = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        loss_scale_factor: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        jit_compile: bool = True,
+        name: str = "Adam",
+        process_group: object | None = None,
+        **sharding_options: Any,
+    ) -> None:
+        self.options = OptimizerOptions(
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            jit_compile=jit_compile,
+            name=name,
+        )
+        check_clip_exclusive(clipnorm, clipvalue, global_clipnorm, "")
+        known = {f.name for f in dataclasses.fields(ShardingOptions)}
+        unknown = sorted(set(sharding_options) - known)
+        if unknown:
+            raise ValueError(
+                f"Argument(s) not recognized: {unknown} (ShardedAdam takes Keras's Adam "
+                f"arguments, process_group, and the sharding options {sorted(known)})"
+            )
+        self.sharding = ShardingOptions(**sharding_options)
+        self.process_group = comm.default_group(process_group)
+        self.rank, self.world_size = comm.rank_and_world_size(self.process_group)
+
+        check_learning_rate(learning_rate)
+        lr_value, lr_schedule = _split_learning_rate(learning_rate)
+        defaults = {
+            "lr": lr_value,
+            LR_SCHEDULE_KEY: lr_schedule,
+            "betas": (beta_1, beta_2),
+            "eps": epsilon,
+            "weight_decay": 0.0 if weight_decay is None else weight_decay,
+            "amsgrad": amsgrad,
+            "clipnorm": clipnorm,
+            "clipvalue": clipvalue,
+        }
+        check_group(defaults, "")
+
+        self.buffers: list[FlatBuffer] = []
+        self.shard_states: list[ShardState] = []
+        self._buffer_groups: list[int] = []
+        self._micro_steps = 0
+        self._has_names = False
+        self._weight_decay_excluded: set[int] = set()
+        self._weight_decay_patterns: list[str] = []
+        self._decay_masks: list[Tensor | None] = []
+        self._scheduled_lr: dict[int, float] = {}
+        self._runner = UpdateRunner(jit_compile)
+        self.last_grad_norm: Tensor | None = None
+        super().__init__(params, defaults)
+        self.register_state_dict_post_hook(_pack_shardadam_state)
+
+    # ------------------------------------------------------------------ param groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (Keras or torch names for its overrides); on every rank when sharded."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        where = f" (param group {len(self.param_groups)})"
+        group = group_from_keras_names(param_group, f"param group {len(self.param_groups)}")
+        if "betas" in group and None in group["betas"]:
+            default_betas = self.defaults["betas"]
+            group["betas"] = tuple(
+                d if b is None else b for b, d in zip(group["betas"], default_betas)
+            )
+        if "lr" in group:
+            check_learning_rate(group["lr"], f"learning_rate{where}")
+            group["lr"], group[LR_SCHEDULE_KEY] = _split_learning_rate(group["lr"])
+        if group.get("weight_decay", 0.0) is None:
+            group["weight_decay"] = 0.0
+        params = group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        params = list(params) if params is not None else []
+        self._check_params(params, where)
+        group["params"] = params
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        check_group(group, where)
+        check_clip_exclusive(
+            group["clipnorm"], group["clipvalue"], self.options.global_clipnorm, where
+        )
+        self._has_names = "param_names" in group
+        self._build_buffers(len(self.param_groups) - 1)
+
+    def _check_params(self, params: list[Any], where: str) -> None:
+        if not params:
+            raise ValueError(f"optimizer got an empty parameter list{where}")
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        for i, item in enumerate(params):
+            name, p = item if isinstance(item, tuple) else (f"#{i}", item)
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    f"parameter {name}{where} is a {type(p).__name__}; expected a tensor, a "
+                    "(name, tensor) pair or a param-group dict"
+                )
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError(
+                    f"parameter {name}{where} is sparse; ShardedAdam needs dense parameters"
+                )
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"parameter {name}{where} has dtype {p.dtype}; expected a floating dtype "
+                    "(float16, bfloat16, float32 or float64)"
+                )
+            if id(p) in seen:
+                raise ValueError(
+                    f"parameter {name}{where} is given twice; pass each parameter once "
+                    "(model.parameters() already removes tied duplicates)"
+                )
+            seen.add(id(p))
+            devices.add(p.device)
+        if len(devices) > 1:
+            raise ValueError(
+                f"parameters are on several devices {sorted(map(str, devices))}; ShardedAdam "
+                "needs all parameters on one device (the rank's device)"
+            )
+
+    def _build_buffers(self, group_index: int) -> None:
+        group = self.param_groups[group_index]
+        names = group.get("param_names") or [
+            f"group{group_index}.param{i}" for i in range(len(group["params"]))
+        ]
+        by_dtype: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
+        for name, p in zip(names, group["params"]):
+            by_dtype.setdefault(p.dtype, []).append((name, p))
+        for named in by_dtype.values():
+            layout = build_layout(
+                [tuple(p.shape) for _, p in named],
+                [n for n, _ in named],
+                self.world_size,
+                self.sharding.align_numel,
+            )
+            buffer = FlatBuffer([p for _, p in named], layout, self.rank)
+            self.buffers.append(buffer)
+            self._buffer_groups.append(group_index)
+            self.shard_states.append(self._new_shard_state(buffer, group))
+            self._decay_masks.append(None)
+            self._bind_param_state(len(self.buffers) - 1)
+
+    def _new_shard_state(self, buffer: FlatBuffer, group: dict[str, Any]) -> ShardState:
+        dtype = _compute_dtype(buffer.dtype)
+
+        def zeros() -> Tensor:
+            return torch.zeros(buffer.shard.numel, dtype=dtype, device=buffer.device)
+
+        state = ShardState(exp_avg=zeros(), exp_avg_sq=zeros())
+        if group["amsgrad"]:
+            state.exp_avg_sq_max = zeros()
+        if self.options.use_ema:
+            state.ema = zeros()
+        if dtype != buffer.dtype:
+            state.master = buffer.shard_param.to(dtype)
+        if self.options.gradient_accumulation_steps:
+            state.grad_accumulator = zeros()
+        return state
+
+    def _bind_param_state(self, buffer_index: int) -> None:
+        """Point ``self.state[p]`` at views of the shard state (what this rank owns of p)."""
+        buffer, shard_state = self.buffers[buffer_index], self.shard_states[buffer_index]
+        prefix = self.options.name
+        for span, p in zip(buffer.layout.params, buffer.params):
+            local = buffer.shard_range_of(span.index)
+            entry: dict[str, Any] = {}
+            if local is not None:
+                whole = local.numel == span.flat.numel
+                for key, tensor in shard_state.entries().items():
+                    view = tensor[local.slice]
+                    entry[f"{prefix}/{key}"] = view.view(span.shape) if whole else view
+                if not whole:
+                    start = span.flat.intersect(buffer.shard).start - span.flat.start
+                    entry[f"{prefix}/{OWNED_RANGE}"] = (start, start + local.numel)
+            self.state[p] = entry
+
+    # ------------------------------------------------------------------ Keras conventions
+
+    @property
+    def iterations(self) -> int:
+        """Number of updates applied (micro-steps // gradient_accumulation_steps)."""
+        steps = self.options.gradient_accumulation_steps
+        return self._micro_steps // steps if steps else self._micro_steps
+
+    @property
+    def learning_rate(self) -> float | Tensor:
+        """The learning rate the next step uses (of the first param group)."""
+        return self._group_learning_rate(0, record=False)
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate: Any) -> None:
+        check_learning_rate(learning_rate)
+        value, schedule = _split_learning_rate(learning_rate)
+        for group in self.param_groups:
+            if group[LR_SCHEDULE_KEY] is not None and schedule is None:
+                raise TypeError(
+                    "This optimizer was created with a schedule or callable as its "
+                    "learning_rate, hence its learning rate is not settable to a number; "
+                    "assign another schedule or create the optimizer with a float learning_rate"
+                )
+        for index, group in enumerate(self.param_groups):
+            group["lr"], group[LR_SCHEDULE_KEY] = value, schedule
+            self._scheduled_lr.pop(index, None)
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """Multiply the loss by ``loss_scale_factor`` (step() divides the gradients by it)."""
+        factor = self.options.loss_scale_factor
+        return loss if factor is None else loss * factor
+
+    def exclude_from_weight_decay(
+        self, var_list: Iterable[Tensor] | None = None, var_names: Iterable[str] | None = None
+    ) -> None:
+        """Exclude parameters from weight decay: those in ``var_list``, and those whose name
+        contains a match of any regular expression in ``var_names`` (``re.search``).
+
+        Replaces earlier exclusions, as in Keras.
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        index_of = {id(p): i for i, p in enumerate(params)}
+        excluded = set()
+        for p in var_list or []:
+            if id(p) not in index_of:
+                raise ValueError(
+                    "Invalid var_list: it holds a tensor of shape "
+                    f"{tuple(p.shape)} that this optimizer does not optimize"
+                )
+            excluded.add(index_of[id(p)])
+        patterns = list(var_names or [])
+        if patterns:
+            if isinstance(var_names, str):
+                raise TypeError(f"Invalid var_names: {var_names!r} (expected a list of strings)")
+            if not self._has_names:
+                raise ValueError(
+                    "exclude_from_weight_decay(var_names=...) needs parameter names: create "
+                    "the optimizer from model.named_parameters()"
+                )
+            try:
+                pattern = re.compile("|".join(patterns))
+            except re.error as error:
+                raise ValueError(f"Invalid var_names: {patterns} ({error})") from error
+            names = [n for g in self.param_groups for n in g["param_names"]]
+            excluded.update(i for i, n in enumerate(names) if pattern.search(n))
+        self._weight_decay_excluded = excluded
+        self._weight_decay_patterns = patterns
+        self._rebuild_decay_masks()
+
+    def _global_param_indices(self, buffer_index: int) -> list[int]:
+        """Index in optimizer order (over all groups) of each parameter of a buffer."""
+        index_of = {
+            id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
+        }
+        return [index_of[id(p)] for p in self.buffers[buffer_index].params]
+
+    def _rebuild_decay_masks(self) -> None:
+        for b, buffer in enumerate(self.buffers):
+            global_indices = self._global_param_indices(b)
+            decayed = [
+                span.index
+                for span, gi in zip(buffer.layout.params, global_indices)
+                if gi not in self._weight_decay_excluded
+            ]
+            all_decayed = len(decayed) == len(buffer.params)
+            self._decay_masks[b] = None if all_decayed else buffer.shard_mask(decayed)
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Collective when sharded: apply one step (or one micro-step of accumulation)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_masks = self._gather_grads()
+        for buffer in self.buffers:
+            comm.average_grads_(buffer.flat_grad, self.process_group)
+            if self.options.loss_scale_factor is not None:
+                buffer.shard_grad.div_(self.options.loss_scale_factor)
+        accumulation = self.options.gradient_accumulation_steps
+        if accumulation and (self._micro_steps + 1) % accumulation != 0:
+            self._accumulate_grads()
+            params_changed = self._update_ema_only()
+        else:
+            if accumulation:
+                self._fold_accumulated_grads(accumulation)
+            grad_scale = self._clip_grads()
+            self._update_shards(grad_masks, grad_scale)
+            params_changed = True
+        if params_changed:
+            self._gather_params()
+        self._micro_steps += 1
+        return loss
+
+    def _gather_grads(self) -> list[Tensor | None]:
+        """Copy each p.grad into the flat gradient buffers; the mask of present gradients."""
+        present: list[list[int]] = []
+        for buffer in self.buffers:
+            have = []
+            for index, p in enumerate(buffer.params):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise ValueError(
+                        "ShardedAdam does not support sparse gradients; got one for a "
+                        f"parameter of shape {tuple(p.shape)}"
+                    )
+                if grad.shape != p.shape:
+                    raise ValueError(
+                        f"gradient of shape {tuple(grad.shape)} for a parameter of shape "
+                        f"{tuple(p.shape)}"
+                    )
+                have.append(index)
+            present.append(have)
+        present = self._agree_on_present_grads(present)
+        if not any(present):
+            raise ValueError("No gradients provided for any variable.")
+        masks: list[Tensor | None] = []
+        for buffer, have in zip(self.buffers, present):
+            with_grad = [i for i in have if buffer.params[i].grad is not None]
+            torch._foreach_copy_(
+                [buffer.grad_views[i] for i in with_grad],
+                [buffer.params[i].grad for i in with_grad],
+            )
+            copied = set(with_grad)
+            missing = [i for i in range(len(buffer.params)) if i not in copied]
+            if missing:
+                torch._foreach_zero_([buffer.grad_views[i] for i in missing])
+            all_present = len(have) == len(buffer.params)
+            masks.append(None if all_present else buffer.shard_mask(have))
+        return masks
+
+    def _agree_on_present_grads(self, present: list[list[int]]) -> list[list[int]]:
+        # Note [missing gradients across ranks]: a parameter counts as having a gradient if
+        # it has one on any rank; ranks without one contribute zeros to the average.
+        if not comm.is_distributed(self.process_group):
+            return present
+        flags = [
+            torch.zeros(len(b.params), dtype=torch.int32, device=b.device) for b in self.buffers
+        ]
+        for flag, have in zip(flags, present):
+            flag[have] = 1
+        flat = torch.cat(flags)
+        torch.distributed.all_reduce(
+            flat, op=torch.distributed.ReduceOp.MAX, group=self.process_group
+        )
+        agreed, offset = [], 0
+        for buffer in self.buffers:
+            n = len(buffer.params)
+            agreed.append(torch.nonzero(flat[offset : offset + n]).flatten().tolist())
+            offset += n
+        return agreed
+
+    def _accumulate_grads(self) -> None:
+        for buffer, state in zip(self.buffers, self.shard_states):
+            state.grad_accumulator.add_(buffer.shard_grad)
+
+    def _fold_accumulated_grads(self, steps: int) -> None:
+        # Keras: g = (g + sum of earlier micro-step gradients) / steps, then reset.
+        for buffer, state in zip(self.buffers, self.shard_states):
+            buffer.shard_grad.add_(state.grad_accumulator).div_(steps)
+            state.grad_accumulator.zero_()
+
+    def _clip_grads(self) -> Tensor | None:
+        """Record the global gradient norm; clip per tensor in place; the global-clip factor."""
+        shard_sq = [squared_norm(b.shard_grad) for b in self.buffers]
+        total_sq = torch.stack([s.to(torch.float64) for s in shard_sq]).sum()
+        comm.all_reduce_sum_(total_sq, self.process_group)
+        self.last_grad_norm = total_sq.sqrt().to(torch.float32)
+        self._clip_by_norm_per_tensor()
+        if self.options.global_clipnorm is None:
+            return None
+        return global_clip_scale(self.last_grad_norm, self.options.global_clipnorm)
+
+    def _clip_by_norm_per_tensor(self) -> None:
+        clipped = [
+            b
+            for b, buffer in enumerate(self.buffers)
+            if self.param_groups[self._buffer_groups[b]]["clipnorm"] is not None and buffer.pieces
+        ]
+        if not clipped:
+            return
+        # One all-reduce of every clipped buffer's per-parameter partial sums of squares.
+        partials = []
+        for b in clipped:
+            buffer = self.buffers[b]
+            piece_sq = piece_squared_norms(buffer.shard_grad_pieces).to(buffer.device)
+            index = torch.tensor([p.param_index for p in buffer.pieces], device=buffer.device)
+            per_param = torch.zeros(len(buffer.params), dtype=torch.float32, device=buffer.device)
+            partials.append(per_param.index_add_(0, index, piece_sq))
+        summed = torch.cat(partials)
+        comm.all_reduce_sum_(summed, self.process_group)
+        offset = 0
+        for b in clipped:
+            buffer = self.buffers[b]
+            per_param = summed[offset : offset + len(buffer.params)]
+            offset += len(buffer.params)
+            clipnorm = self.param_groups[self._buffer_groups[b]]["clipnorm"]
+            piece_sq = [per_param[p.param_index] for p in buffer.pieces]
+            clip_by_norm_(buffer.shard_grad_pieces, piece_sq, clipnorm)
+
+    def _group_learning_rate(self, index: int, record: bool) -> float | Tensor:
+        group = self.param_groups[index]
+        schedule = group[LR_SCHEDULE_KEY]
+        if schedule is None:
+            lr = group["lr"]
+            if not isinstance(lr, Tensor) and not (lr >= 0 and math.isfinite(lr)):
+                raise ValueError(f"Invalid learning rate in param group: {lr} (expected lr >= 0)")
+            return lr
+        if index in self._scheduled_lr and group["lr"] != self._scheduled_lr[index]:
+            raise TypeError(
+                f"param group {index}'s learning rate comes from a schedule or callable, hence "
+                "it is not settable (something wrote group['lr']); use a float learning_rate "
+                "to drive it with a torch LR scheduler"
+            )
+        value = schedule(self._micro_steps) if _is_step_schedule(schedule) else schedule()
+        value = float(value)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"Invalid learning rate from the schedule: {value} (expected >= 0)")
+        if record:
+            group["lr"] = value
+            self._scheduled_lr[index] = value
+        return value
+
+    @staticmethod
+    def _group_betas(group: dict[str, Any]) -> tuple[float, float]:
+        betas = []
+        for name, beta in zip(("beta_1", "beta_2"), group["betas"]):
+            value = float(beta() if callable(beta) else beta)
+            check_beta_value(value, name)
+            betas.append(value)
+        return betas[0], betas[1]
+
+    def _ema_scalars(self) -> tuple[float, bool]:
+        """EMA momentum (0 at the first update, as Keras 3) and whether to overwrite now."""
+        if not self.options.use_ema:
+            return 0.0, False
+        momentum = self.options.ema_momentum if self.iterations != 0 else 0.0
+        frequency = self.options.ema_overwrite_frequency
+        return momentum, bool(frequency) and (self.iterations + 1) % frequency == 0
+
+    def _update_shards(self, grad_masks: list[Tensor | None], grad_scale: Tensor | None) -> None:
+        ema_momentum, ema_overwrite = self._ema_scalars()
+        lrs = [self._group_learning_rate(i, record=True) for i in range(len(self.param_groups))]
+        for b, (buffer, state) in enumerate(zip(self.buffers, self.shard_states)):
+            group = self.param_groups[self._buffer_groups[b]]
+            beta_1, beta_2 = self._group_betas(group)
+            scalars = update_scalars(
+                lrs[self._buffer_groups[b]],
+                beta_1,
+                beta_2,
+                group["eps"],
+                group["weight_decay"],
+                step=self.iterations + 1,
+                clip_value=group["clipvalue"],
+                ema_momentum=ema_momentum,
+                ema_overwrite=ema_overwrite,
+                dtype=_compute_dtype(buffer.dtype),
+            ).to(buffer.device, non_blocking=True)
+            if grad_scale is not None:
+                scalars[_GRAD_SCALE] = grad_scale.to(scalars.dtype)
+            if group["amsgrad"] and state.exp_avg_sq_max is None:
+                state.exp_avg_sq_max = torch.zeros_like(state.exp_avg_sq)
+                self._bind_param_state(b)
+            decay_mask = self._decay_masks[b] if group["weight_decay"] != 0 else None
+            self._runner(
+                adam_shard_step_,
+                buffer.shard_param,
+                buffer.shard_grad,
+                state.exp_avg,
+                state.exp_avg_sq,
+                state.exp_avg_sq_max if group["amsgrad"] else None,
+                state.ema,
+                state.master,
+                decay_mask,
+                grad_masks[b],
+                scalars,
+            )
+
+    def _update_ema_only(self) -> bool:
+        """Advance the EMA on a step that only accumulates; True if it overwrote parameters."""
+        if not self.options.use_ema:
+            return False
+        ema_momentum, ema_overwrite = self._ema_scalars()
+        for buffer, state in zip(self.buffers, self.shard_states):
+            scalars = update_scalars(
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                step=1,
+                ema_momentum=ema_momentum,
+                ema_overwrite=ema_overwrite,
+                dtype=_compute_dtype(buffer.dtype),
+            ).to(buffer.device, non_blocking=True)
+            self._runner(ema_shard_step_, buffer.shard_param, state.ema, state.master, scalars)
+        return ema_overwrite
+
+    def _gather_params(self) -> None:
+        for buffer in self.buffers:
+            comm.gather_shards_(buffer.flat_param, buffer.layout.shard_numel, self.process_group)
+
+    # ------------------------------------------------------------------ the EMA
+
+    def _require_ema(self, what: str) -> None:
+        if not self.options.use_ema:
+            raise RuntimeError(f"{what} needs use_ema=True; this optimizer keeps no EMA")
+
+    def _full_ema(self, buffer_index: int) -> Tensor:
+        """Collective when sharded: the EMA of a whole buffer, flat and padded."""
+        buffer = self.buffers[buffer_index]
+        ema = self.shard_states[buffer_index].ema
+        full = torch.zeros(buffer.layout.padded_numel, dtype=ema.dtype, device=ema.device)
+        full[buffer.shard.slice] = ema
+        comm.gather_shards_(full, buffer.layout.shard_numel, self.process_group)
+        return full
+
+    def moving_average(self, param: Tensor) -> Tensor:
+        """Collective when sharded: the EMA of ``param`` as a new full tensor (compute dtype)."""
+        self._require_ema("moving_average()")
+        for b, buffer in enumerate(self.buffers):
+            for span, p in zip(buffer.layout.params, buffer.params):
+                if p is param:
+                    return self._full_ema(b)[span.flat.slice].view(span.shape).clone()
+        raise ValueError(
+            f"moving_average(): the tensor of shape {tuple(param.shape)} is not optimized here"
+        )
+
+    def finalize_variable_values(self, var_list: Iterable[Tensor] | None = None) -> None:
+        """Collective when sharded: write the EMA into the parameters (all, or ``var_list``).
+
+        Does nothing without ``use_ema``, as in Keras.
+        """
+        if not self.options.use_ema:
+            return
+        wanted = None if var_list is None else {id(p) for p in var_list}
+        for buffer, state in zip(self.buffers, self.shard_states):
+            chosen = [
+                span.index
+                for span, p in zip(buffer.layout.params, buffer.params)
+                if wanted is None or id(p) in wanted
+            ]
+            mask = buffer.shard_mask(chosen)
+            weights = state.master if state.master is not None else buffer.shard_param
+            weights.copy_(torch.where(mask, state.ema.to(weights.dtype), weights))
+            if state.master is not None:
+                buffer.shard_param.copy_(state.master)
+        self._gather_params()
+
+    @contextlib.contextmanager
+    def swap_moving_averages(self) -> Iterator[None]:
+        """Collective when sharded: parameters hold their EMA inside the block, then return."""
+        self._require_ema("swap_moving_averages()")
+        saved = [
+            (b.flat_param.clone(), None if s.master is None else s.master.clone())
+            for b, s in zip(self.buffers, self.shard_states)
+        ]
+        self.finalize_variable_values()
+        try:
+            yield
+        finally:
+            for buffer, state, (flat, master) in zip(self.buffers, self.shard_states, saved):
+                buffer.flat_param.copy_(flat)
+                if master is not None:
+                    state.master.copy_(master)
+
+    # ------------------------------------------------------------------ state dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict()`` of a ShardedAdam over the same parameters.
+
+        Schedules and callables are code, not state: this optimizer keeps its own. A
+        state_dict saved in one process loads at any world size; one saved sharded loads at
+        the same world size (``shardadam.checkpoint`` reshards).
+        """
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        extra = state_dict.get("shardadam")
+        if extra is None or "param_groups" not in state_dict or "state" not in state_dict:
+            raise ValueError(
+                "load_state_dict() expects the state_dict() of a ShardedAdam (keys 'state', "
+                f"'param_groups', 'shardadam'); got keys {sorted(state_dict)}"
+            )
+        self._check_compatible(state_dict, extra)
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for key, value in saved.items():
+                if key in ("params", LR_SCHEDULE_KEY):
+                    continue
+                if key == "betas":
+                    value = tuple(
+                        old if new is None else new for old, new in zip(group["betas"], value)
+                    )
+                if key == "lr" and group[LR_SCHEDULE_KEY] is not None:
+                    continue
+                group[key] = value
+        self._micro_steps = int(extra["micro_steps"])
+        self._scheduled_lr = {}
+        self._restore_shard_state(state_dict["state"], extra["name"])
+        self._weight_decay_excluded = set(extra["weight_decay_excluded"])
+        self._weight_decay_patterns = list(extra["weight_decay_patterns"])
+        self._rebuild_decay_masks()
+        self._gather_params()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_compatible(self, state_dict: dict[str, Any], extra: dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state_dict has {len(saved_groups)} param groups but this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {i} has {len(group['params'])} parameters here but "
+                    f"{len(saved['params'])} in the state_dict"
+                )
+        for option in ("use_ema", "gradient_accumulation_steps"):
+            here, there = getattr(self.options, option), extra["options"][option]
+            if here != there:
+                raise ValueError(
+                    f"the state_dict was saved with {option}={there!r} but this optimizer has "
+                    f"{option}={here!r}; create the optimizer with the same {option}"
+                )
+
+    def _restore_shard_state(self, saved_state: dict[int, dict[str, Any]], saved_name: str) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        index_of = {id(p): i for i, p in enumerate(params)}
+        for b, (buffer, shard_state) in enumerate(zip(self.buffers, self.shard_states)):
+            group = self.param_groups[self._buffer_groups[b]]
+            if group["amsgrad"] and shard_state.exp_avg_sq_max is None:
+                shard_state.exp_avg_sq_max = torch.zeros_like(shard_state.exp_avg_sq)
+            entries = shard_state.entries()
+            for span, p in zip(buffer.layout.params, buffer.params):
+                local = buffer.shard_range_of(span.index)
+                if local is None:
+                    continue
+                owned = span.flat.intersect(buffer.shard).shift(-span.flat.start)
+                saved = saved_state.get(index_of[id(p)], {})
+                for key, target in entries.items():
+                    source = saved.get(f"{saved_name}/{key}")
+                    if source is None:
+                        if key in (MASTER, ACCUMULATOR):
+                            continue  # rebuilt from the parameters / empty
+                        raise ValueError(
+                            f"the state_dict has no '{saved_name}/{key}' for parameter "
+                            f"'{span.name}' (shape {span.shape}), which this optimizer needs"
+                        )
+                    target[local.slice].copy_(_owned_piece(source, saved, saved_name, span, owned))
+            if shard_state.master is not None and not any(
+                f"{saved_name}/{MASTER}" in saved_state.get(index_of[id(p)], {})
+                for p in buffer.params
+            ):
+                shard_state.master.copy_(buffer.shard_param)
+            self._bind_param_state(b)
+
+
+def _owned_piece(
+    source: Tensor, saved: dict[str, Any], saved_name: str, span: Any, owned: Any
+) -> Tensor:
+    """The elements ``owned`` (of the flattened parameter) from a saved state tensor."""
+    saved_range = saved.get(f"{saved_name}/{OWNED_RANGE}")
+    if saved_range is None:
+        if tuple(source.shape) != tuple(span.shape):
+            raise ValueError(
+                f"state for parameter '{span.name}' has shape {tuple(source.shape)} in the "
+                f"state_dict but the parameter has shape {span.shape}"
+            )
+        return source.reshape(-1)[owned.slice]
+    if tuple(saved_range) != (owned.start, owned.end):
+        raise ValueError(
+            f"the state_dict holds elements {tuple(saved_range)} of parameter '{span.name}' but "
+            f"this rank owns {(owned.start, owned.end)}; it was saved at another world size: "
+            "load it through shardadam.checkpoint, which reshards"
+        )
+    return source.reshape(-1)
+
+
+def _pack_shardadam_state(optimizer: ShardedAdam, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """state_dict post-hook: drop code from the groups, add the optimizer-wide state."""
+    for group in state_dict["param_groups"]:
+        group[LR_SCHEDULE_KEY] = None
+        group["betas"] = tuple(None if callable(b) else b for b in group["betas"])
+    state_dict["shardadam"] = {
+        "name": optimizer.options.name,
+        "micro_steps": optimizer._micro_steps,
+        "iterations": optimizer.iterations,
+        "world_size": optimizer.world_size,
+        "options": dataclasses.asdict(optimizer.options),
+        "weight_decay_excluded": sorted(optimizer._weight_decay_excluded),
+        "weight_decay_patterns": list(optimizer._weight_decay_patterns),
+    }
+    return state_dict
