@@ -112,13 +112,15 @@ def check_number_range(
         raise TypeError(f"Invalid {where}: {value!r} (expected {kind})")
     if math.isnan(value) or math.isinf(value):
         raise ValueError(f"Invalid {where}: {value} (expected a finite number)")
-    if low is not None and (value <= low if low_open else value < low):
-        rule = f"{where} > {low}" if low_open else f"{where} >= {low}"
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        rules = []
+        if low is not None:
+            rules.append(f"{where} > {low}" if low_open else f"{where} >= {low}")
         if high is not None:
-            rule += f" and {where} <= {high}"
-        raise ValueError(f"Invalid {where}: {value} (expected {rule})")
-    if high is not None and value > high:
-        raise ValueError(f"Invalid {where}: {value} (expected {where} <= {high})")
+            rules.append(f"{where} <= {high}")
+        raise ValueError(f"Invalid {where}: {value} (expected {' and '.join(rules)})")
 
 
 def check_positive_int(value: Any, where: str, minimum: int, optional: bool = True) -> None:
@@ -162,7 +164,7 @@ def group_from_keras_names(overrides: dict[str, Any], where: str) -> dict[str, A
             continue
         key, index = GROUP_KEYS[keras_name]
         if index is None:
-            if key in overrides:
+            if key != keras_name and key in overrides:
                 raise ValueError(
                     f"Invalid {where}: both {keras_name!r} and {key!r} are given; use one"
                 )

@@ -215,10 +215,14 @@ class ShardedAdam(torch.optim.Optimizer):
     def _check_params(self, params: list[Any], where: str) -> None:
         if not params:
             raise ValueError(f"optimizer got an empty parameter list{where}")
-        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        seen = {
+            id(p): f"{n!r} (param group {gi})" if "param_names" in g else f"#{i} (param group {gi})"
+            for gi, g in enumerate(self.param_groups)
+            for i, (n, p) in enumerate(zip(g.get("param_names", g["params"]), g["params"]))
+        }
         devices = {p.device for g in self.param_groups for p in g["params"]}
         for i, item in enumerate(params):
-            name, p = item if isinstance(item, tuple) else (f"#{i}", item)
+            name, p = (repr(item[0]), item[1]) if isinstance(item, tuple) else (f"#{i}", item)
             if not isinstance(p, Tensor):
                 raise TypeError(
                     f"parameter {name}{where} is a {type(p).__name__}; expected a tensor, a "
@@ -235,10 +239,11 @@ class ShardedAdam(torch.optim.Optimizer):
                 )
             if id(p) in seen:
                 raise ValueError(
-                    f"parameter {name}{where} is given twice; pass each parameter once "
+                    f"parameter {name}{where} is given twice: it is the same tensor as "
+                    f"parameter {seen[id(p)]}; pass each parameter once "
                     "(model.parameters() already removes tied duplicates)"
                 )
-            seen.add(id(p))
+            seen[id(p)] = f"{name}{where}"
             devices.add(p.device)
         if len(devices) > 1:
             raise ValueError(
@@ -400,19 +405,23 @@ class ShardedAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_masks = self._gather_grads()
+        accumulation = self.options.gradient_accumulation_steps
+        is_update = not accumulation or (self._micro_steps + 1) % accumulation == 0
+        # Every hyperparameter is read and checked before any state changes, so that a bad
+        # value raises with parameters, moments and accumulators as they were.
+        scalars = self._update_scalars() if is_update else None
         for buffer in self.buffers:
             comm.average_grads_(buffer.flat_grad, self.process_group)
             if self.options.loss_scale_factor is not None:
                 buffer.shard_grad.div_(self.options.loss_scale_factor)
-        accumulation = self.options.gradient_accumulation_steps
-        if accumulation and (self._micro_steps + 1) % accumulation != 0:
+        if scalars is None:
             self._accumulate_grads()
             params_changed = self._update_ema_only()
         else:
             if accumulation:
                 self._fold_accumulated_grads(accumulation)
             grad_scale = self._clip_grads()
-            self._update_shards(grad_masks, grad_scale)
+            self._update_shards(scalars, grad_masks, grad_scale)
             params_changed = True
         if params_changed:
             self._gather_params()
@@ -432,11 +441,6 @@ class ShardedAdam(torch.optim.Optimizer):
                     raise ValueError(
                         "ShardedAdam does not support sparse gradients; got one for a "
                         f"parameter of shape {tuple(p.shape)}"
-                    )
-                if grad.shape != p.shape:
-                    raise ValueError(
-                        f"gradient of shape {tuple(grad.shape)} for a parameter of shape "
-                        f"{tuple(p.shape)}"
                     )
                 have.append(index)
             present.append(have)
@@ -567,14 +571,21 @@ class ShardedAdam(torch.optim.Optimizer):
         frequency = self.options.ema_overwrite_frequency
         return momentum, bool(frequency) and (self.iterations + 1) % frequency == 0
 
-    def _update_shards(self, grad_masks: list[Tensor | None], grad_scale: Tensor | None) -> None:
+    def _update_scalars(self) -> list[Tensor]:
+        """Per buffer, the packed UpdateScalars of this step, on the buffer's device."""
         ema_momentum, ema_overwrite = self._ema_scalars()
-        lrs = [self._group_learning_rate(i, record=True) for i in range(len(self.param_groups))]
-        for b, (buffer, state) in enumerate(zip(self.buffers, self.shard_states)):
+        per_group = []
+        for index, group in enumerate(self.param_groups):
+            check_group(group, f" (param group {index})")
+            per_group.append(
+                (self._group_learning_rate(index, record=True), self._group_betas(group))
+            )
+        scalars = []
+        for b, buffer in enumerate(self.buffers):
             group = self.param_groups[self._buffer_groups[b]]
-            beta_1, beta_2 = self._group_betas(group)
-            scalars = update_scalars(
-                lrs[self._buffer_groups[b]],
+            lr, (beta_1, beta_2) = per_group[self._buffer_groups[b]]
+            packed = update_scalars(
+                lr,
                 beta_1,
                 beta_2,
                 group["eps"],
@@ -584,9 +595,17 @@ class ShardedAdam(torch.optim.Optimizer):
                 ema_momentum=ema_momentum,
                 ema_overwrite=ema_overwrite,
                 dtype=_compute_dtype(buffer.dtype),
-            ).to(buffer.device, non_blocking=True)
+            )
+            scalars.append(packed.to(buffer.device, non_blocking=True))
+        return scalars
+
+    def _update_shards(
+        self, scalars: list[Tensor], grad_masks: list[Tensor | None], grad_scale: Tensor | None
+    ) -> None:
+        for b, (buffer, state) in enumerate(zip(self.buffers, self.shard_states)):
+            group = self.param_groups[self._buffer_groups[b]]
             if grad_scale is not None:
-                scalars[_GRAD_SCALE] = grad_scale.to(scalars.dtype)
+                scalars[b][_GRAD_SCALE] = grad_scale.to(scalars[b].dtype)
             if group["amsgrad"] and state.exp_avg_sq_max is None:
                 state.exp_avg_sq_max = torch.zeros_like(state.exp_avg_sq)
                 self._bind_param_state(b)
@@ -602,7 +621,7 @@ class ShardedAdam(torch.optim.Optimizer):
                 state.master,
                 decay_mask,
                 grad_masks[b],
-                scalars,
+                scalars[b],
             )
 
     def _update_ema_only(self) -> bool:
