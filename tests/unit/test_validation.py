@@ -121,7 +121,8 @@ def test_bad_parameters_are_rejected():
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(
         ValueError,
-        match=r"parameter 'v' \(param group 0\) is given twice: it is the same tensor as parameter 'w' \(param group 0\)",
+        match=r"parameter 'v' \(param group 0\) is given twice: it is the same tensor as "
+        r"parameter 'w' \(param group 0\)",
     ):
         ShardedAdam([("w", p), ("v", p)])
     with pytest.raises(ValueError, match=r"is given twice"):
