@@ -62,15 +62,18 @@ def update_scalars(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """The packed UpdateScalars for Adam step ``step`` (1-based); see Note [Keras scalars]."""
-    lr = torch.as_tensor(learning_rate).detach().to(device="cpu", dtype=dtype)
+
+    def scalar(value: float | Tensor) -> Tensor:
+        if isinstance(value, Tensor):
+            return value.detach().to(device="cpu", dtype=dtype)
+        return torch.tensor(value, dtype=dtype)  # straight from the Python double
+
+    lr = scalar(learning_rate)
     t = torch.tensor(float(step), dtype=dtype)
     beta_1_power = torch.pow(torch.tensor(beta_1, dtype=dtype), t)
     beta_2_power = torch.pow(torch.tensor(beta_2, dtype=dtype), t)
     alpha = lr * torch.sqrt(1 - beta_2_power) / (1 - beta_1_power)
     decay = 1 - torch.tensor(weight_decay, dtype=dtype) * lr
-
-    def scalar(value: float | Tensor) -> Tensor:
-        return torch.as_tensor(value).detach().to(device="cpu", dtype=dtype)
 
     return torch.stack(
         UpdateScalars(

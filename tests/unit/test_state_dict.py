@@ -1,0 +1,141 @@
+"""state_dict() / load_state_dict(): a resumed run continues bit-identically."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from shardadam import ShardedAdam, schedules
+from tests.reference import make_case
+
+SHAPES = [(6, 5), (7,), (), (3, 3)]
+
+
+def build(params, beta_1, **overrides):
+    """Two groups, bf16 and fp32 parameters, every stateful option switched on."""
+    kwargs = dict(
+        learning_rate=schedules.CosineDecay(0.05, decay_steps=40, alpha=0.1),
+        beta_1=beta_1,
+        amsgrad=True,
+        weight_decay=0.1,
+        clipnorm=1.0,
+        use_ema=True,
+        ema_overwrite_frequency=5,
+        gradient_accumulation_steps=3,
+        name="MyAdam",
+        jit_compile=False,
+    )
+    kwargs.update(overrides)
+    groups = [
+        {"params": [("a.weight", params[0]), ("a.bias", params[1])]},
+        {"params": [("b.scale", params[2]), ("b.weight", params[3])], "learning_rate": 0.01},
+    ]
+    return ShardedAdam(groups, **kwargs)
+
+
+def make_params(case):
+    dtypes = [torch.float32, torch.float32, torch.float32, torch.bfloat16]
+    return [torch.nn.Parameter(x.to(d)) for x, d in zip(case.init, dtypes)]
+
+
+def train(opt, params, rows):
+    for row in rows:
+        for p, g in zip(params, row):
+            p.grad = g.to(p.dtype)
+        opt.step()
+
+
+def test_resumed_run_continues_bit_identically():
+    case = make_case(SHAPES, steps=40, seed=21)
+    beta_1 = lambda: 0.85  # noqa: E731  (callables are code: not saved, kept by the loader)
+
+    params = make_params(case)
+    opt = build(params, beta_1)
+    opt.exclude_from_weight_decay(var_names=["bias$"])
+    train(opt, params, case.grads)
+    uninterrupted = [p.detach().clone() for p in params]
+    final_state = copy.deepcopy(opt.state_dict())
+
+    first = make_params(case)
+    opt1 = build(first, beta_1)
+    opt1.exclude_from_weight_decay(var_names=["bias$"])
+    train(opt1, first, case.grads[:23])  # 23 micro-steps: in the middle of an accumulation
+    blob = io.BytesIO()
+    torch.save({"params": [p.detach() for p in first], "opt": opt1.state_dict()}, blob)
+    blob.seek(0)
+    saved = torch.load(blob, weights_only=False)
+
+    second = [torch.nn.Parameter(x.clone()) for x in saved["params"]]
+    opt2 = build(second, beta_1)  # no exclusions here: they come from the state_dict
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.iterations == opt1.iterations == 7
+    train(opt2, second, case.grads[23:])
+
+    for p, q in zip(second, uninterrupted):
+        assert torch.equal(p.detach(), q)
+    resumed_state = opt2.state_dict()
+    for index, entries in final_state["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(resumed_state["state"][index][key], value), (index, key)
+    assert resumed_state["shardadam"] == final_state["shardadam"]
+
+
+def test_state_names_carry_the_optimizer_name():
+    case = make_case(SHAPES, steps=3, seed=1)
+    params = make_params(case)
+    opt = build(params, 0.9)
+    train(opt, params, case.grads)
+    sd = opt.state_dict()
+    assert set(sd["state"][3]) == {
+        "MyAdam/momentum",
+        "MyAdam/velocity",
+        "MyAdam/velocity_hat",
+        "MyAdam/average",
+        "MyAdam/master",
+        "MyAdam/gradient_accumulator",
+    }
+    assert sd["state"][0]["MyAdam/momentum"].shape == (6, 5)
+    assert sd["param_groups"][1]["lr"] == 0.01
+    assert sd["param_groups"][0]["lr_schedule"] is None
+    assert sd["shardadam"]["micro_steps"] == 3
+
+
+def test_loading_restores_saved_hyperparameters():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = ShardedAdam([p], learning_rate=0.01, beta_2=0.99, jit_compile=False)
+    sd = copy.deepcopy(opt.state_dict())
+    q = torch.nn.Parameter(torch.randn(3))
+    other = ShardedAdam([q], learning_rate=0.1, jit_compile=False)
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["lr"] == 0.01
+    assert other.param_groups[0]["betas"] == (0.9, 0.99)
+
+
+def test_mismatched_state_dicts_are_refused_clearly():
+    case = make_case(SHAPES, steps=2, seed=1)
+    params = make_params(case)
+    opt = build(params, 0.9)
+    train(opt, params, case.grads)
+    sd = opt.state_dict()
+
+    with pytest.raises(ValueError, match="expects the state_dict\\(\\) of a ShardedAdam"):
+        opt.load_state_dict({"state": {}, "param_groups": []})
+    fewer = [torch.nn.Parameter(torch.randn(2))]
+    with pytest.raises(
+        ValueError, match="the state_dict has 2 param groups but this optimizer has 1"
+    ):
+        ShardedAdam(fewer, jit_compile=False).load_state_dict(sd)
+    with pytest.raises(
+        ValueError, match="saved with use_ema=True but this optimizer has use_ema=False"
+    ):
+        build(make_params(case), 0.9, use_ema=False, ema_overwrite_frequency=None).load_state_dict(
+            sd
+        )
+    other_shapes = make_case([(5, 6), (7,), (), (3, 3)], steps=0, seed=1)
+    with pytest.raises(
+        ValueError, match=r"'a.weight' has shape \(6, 5\)|parameter 'a.weight' has shape"
+    ):
+        build(make_params(other_shapes), 0.9).load_state_dict(sd)
