@@ -44,7 +44,9 @@ def gather_shards_(flat: Tensor, shard_numel: int, group: object | None) -> None
         return
     rank = dist.get_rank(group)
     own = flat[rank * shard_numel : (rank + 1) * shard_numel].clone()
-    dist.all_gather_into_tensor(flat, own, group=group)
+    # torch 2.13 renamed all_gather_into_tensor; older releases have only the old name.
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    all_gather(flat, own, group=group)
 
 
 def all_gather_objects(obj: object, group: object | None) -> list[object]:

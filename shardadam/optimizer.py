@@ -419,7 +419,7 @@ class ShardedAdam(torch.optim.Optimizer):
             params_changed = self._update_ema_only()
         else:
             if accumulation:
-                self._fold_accumulated_grads(accumulation)
+                self._fold_accumulated_grads(accumulation, grad_masks)
             grad_scale = self._clip_grads()
             self._update_shards(scalars, grad_masks, grad_scale)
             params_changed = True
@@ -487,10 +487,14 @@ class ShardedAdam(torch.optim.Optimizer):
         for buffer, state in zip(self.buffers, self.shard_states):
             state.grad_accumulator.add_(buffer.shard_grad)
 
-    def _fold_accumulated_grads(self, steps: int) -> None:
-        # Keras: g = (g + sum of earlier micro-step gradients) / steps, then reset.
-        for buffer, state in zip(self.buffers, self.shard_states):
+    def _fold_accumulated_grads(self, steps: int, grad_masks: list[Tensor | None]) -> None:
+        # Keras: g = (g + sum of earlier micro-step gradients) / steps, then reset. A parameter
+        # without a gradient at this boundary step is skipped, its accumulated sum dropped (as
+        # Keras does), so that it adds nothing to the norms that clipping uses either.
+        for buffer, state, mask in zip(self.buffers, self.shard_states, grad_masks):
             buffer.shard_grad.add_(state.grad_accumulator).div_(steps)
+            if mask is not None:
+                buffer.shard_grad.mul_(mask)
             state.grad_accumulator.zero_()
 
     def _clip_grads(self) -> Tensor | None:

@@ -208,6 +208,11 @@ def test_parameters_without_gradients_match_keras():
         {"learning_rate": LR, "weight_decay": 0.1, "use_ema": True, "amsgrad": True}, case=case
     )
     _compare({"learning_rate": LR, "gradient_accumulation_steps": 2, "clipnorm": 1.0}, case=case)
+    # A parameter with an accumulated gradient but none at the boundary step is skipped and
+    # adds nothing to the global norm.
+    _compare(
+        {"learning_rate": LR, "gradient_accumulation_steps": 2, "global_clipnorm": 1.0}, case=case
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,41 @@
+"""Run a function on N gloo ranks (FileStore rendezvous, short timeout) and collect results."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn: Callable, args: tuple):
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group(
+        "gloo",
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_ranks(world_size: int, fn: Callable, *args) -> list:
+    """``fn(rank, world_size, *args)`` on each rank; returns the per-rank results in rank order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = os.path.join(tmp, "store")
+        mp.spawn(_worker, args=(world_size, store_path, tmp, fn, args), nprocs=world_size)
+        return [
+            torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
+            for r in range(world_size)
+        ]
