@@ -99,9 +99,8 @@ def main() -> None:
                 run()
             times[name].append((time.perf_counter() - start) / args.steps)
     reference = statistics.median(times["torch AdamW fused"])
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.numel:,} fp32 elements"
-    )
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {args.numel:,} fp32 elements")
     print(f"CPU probe (2048^2 matmul): median {statistics.median(probes) * 1e3:.1f} ms")
     print(f"| {'implementation':<28} | median ms/step | best ms/step | throughput vs fused AdamW |")
     print(f"|{'-' * 30}|---------------:|-------------:|--------------------------:|")
