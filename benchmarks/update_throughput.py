@@ -3,7 +3,8 @@
     python benchmarks/update_throughput.py [--numel 16000000] [--rounds 5]
 
 Times, interleaved round by round (the machine is noisy), for one flat fp32 parameter:
-  - shardadam kernel (compiled and eager): the per-shard update alone (adam_shard_step_);
+  - shardadam kernel (compiled and eager): the per-shard update (adam_shard_step_), each run
+    preceded by a copy of a fresh gradient, which the "grad refresh" row times alone;
   - shardadam step(): the whole optimizer step (gradient copy, global norm, update);
   - torch AdamW fused / foreach: optimizer.step().
 Prints the median time per step and each one's element throughput relative to fused AdamW,
@@ -20,7 +21,7 @@ import time
 import torch
 
 from shardadam import ShardedAdam
-from shardadam.functional import adam_shard_step_, update_scalars
+from shardadam.functional import adam_shard_step_, adam_shard_step_inplace_, update_scalars
 from shardadam.kernels import UpdateRunner
 
 
@@ -31,26 +32,22 @@ def probe_s() -> float:
     return time.perf_counter() - start
 
 
-def make_kernel_case(numel: int, jit: bool):
-    runner = UpdateRunner(jit_compile=jit)
-    param, grad = torch.randn(numel), torch.randn(numel)
+def make_kernel_case(numel: int, jit: bool | None):
+    """The per-shard update alone; ``jit=None`` times only the gradient refresh it includes.
+
+    The eager kernel uses the gradient as scratch space, so every run first copies a fresh
+    gradient in; the "grad refresh" row measures that copy alone.
+    """
+    runner = UpdateRunner(jit_compile=bool(jit))
+    param, fresh_grad, grad = torch.randn(numel), torch.randn(numel), torch.empty(numel)
     exp_avg, exp_avg_sq = torch.zeros(numel), torch.zeros(numel)
     scalars = update_scalars(1e-3, 0.9, 0.999, 1e-7, 0.01, step=1)
+    state = (exp_avg, exp_avg_sq, None, None, None, None, None, scalars)
 
     def run():
-        runner(
-            adam_shard_step_,
-            param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            None,
-            None,
-            None,
-            None,
-            None,
-            scalars,
-        )
+        grad.copy_(fresh_grad)
+        if jit is not None:
+            runner(adam_shard_step_, adam_shard_step_inplace_, param, grad, *state)
 
     return run
 
@@ -80,6 +77,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cases = {
+        "grad refresh (copy) alone": make_kernel_case(args.numel, jit=None),
         "shardadam kernel (compiled)": make_kernel_case(args.numel, jit=True),
         "shardadam kernel (eager)": make_kernel_case(args.numel, jit=False),
         "shardadam step()": make_optimizer_case(args.numel, "shardadam step()"),

@@ -34,6 +34,8 @@ class FlatBuffer:
                 # hooks) while its storage becomes part of the flat buffer.
                 param.data = view
         self.grad_views = [self.grad_view(span.index) for span in layout.params]
+        # The update may use the gradient buffer as scratch space; step() re-zeroes these.
+        self.grad_padding_views = [self.flat_grad[gap.slice] for gap in layout.padding()]
         self.shard_grad_pieces = [self.shard_grad[p.local.slice] for p in self.pieces]
 
     def param_view(self, index: int) -> Tensor:

@@ -64,24 +64,24 @@ class UpdateRunner:
                 stacklevel=3,
             )
 
-    def __call__(self, fn: Callable, *args: object) -> None:
+    def __call__(self, fused: Callable, eager: Callable, *args: object) -> object:
+        """``fused(*args)`` compiled, or ``eager(*args)``: two formulations of the same math."""
         if self.jit_compile:
-            key = _variant_key(fn, args)
+            key = _variant_key(fused, args)
             compiled = _compiled_variants.get(key)
             if compiled is None:
-                compiled = compile_function(_copy_function(fn, len(_compiled_variants)))
+                compiled = compile_function(_copy_function(fused, len(_compiled_variants)))
                 _compiled_variants[key] = compiled
             try:
-                compiled(*args)
-                return
+                return compiled(*args)
             except _COMPILE_ERRORS as error:
                 _compiled_variants.pop(key, None)
                 self.jit_compile = False
+                first_line = (str(error).strip().splitlines() or [""])[0]
                 warnings.warn(
                     f"jit_compile=True but torch.compile failed ({type(error).__name__}: "
-                    f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
-                    "ShardedAdam runs its update eagerly from now on",
+                    f"{first_line}); ShardedAdam runs its update eagerly from now on",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        fn(*args)
+        return eager(*args)

@@ -79,6 +79,17 @@ class BufferLayout:
     def param_numel(self) -> int:
         return sum(span.flat.numel for span in self.params)
 
+    def padding(self) -> tuple[Range, ...]:
+        """The ranges of the flat buffer that belong to no parameter."""
+        gaps, offset = [], 0
+        for span in self.params:
+            if span.flat.start > offset:
+                gaps.append(Range(offset, span.flat.start))
+            offset = span.flat.end
+        if self.padded_numel > offset:
+            gaps.append(Range(offset, self.padded_numel))
+        return tuple(gaps)
+
     def shard(self, rank: int) -> Range:
         """Elements of the flat buffer owned by ``rank``."""
         if not 0 <= rank < self.world_size:

@@ -27,6 +27,7 @@ from .config import (
 from .functional import (
     UpdateScalars,
     adam_shard_step_,
+    adam_shard_step_inplace_,
     clip_by_norm_,
     ema_shard_step_,
     global_clip_scale,
@@ -420,8 +421,12 @@ class ShardedAdam(torch.optim.Optimizer):
         else:
             if accumulation:
                 self._fold_accumulated_grads(accumulation, grad_masks)
-            grad_scale = self._clip_grads()
-            self._update_shards(scalars, grad_masks, grad_scale)
+            grad_scale, local_sq = self._clip_grads()
+            kernel_sq = self._update_shards(scalars, grad_masks, grad_scale)
+            if grad_scale is None:
+                self._record_grad_norm(
+                    [k if known is None else known for known, k in zip(local_sq, kernel_sq)]
+                )
             params_changed = True
         if params_changed:
             self._gather_params()
@@ -456,8 +461,9 @@ class ShardedAdam(torch.optim.Optimizer):
             )
             copied = set(with_grad)
             missing = [i for i in range(len(buffer.params)) if i not in copied]
-            if missing:
-                torch._foreach_zero_([buffer.grad_views[i] for i in missing])
+            torch._foreach_zero_(
+                [buffer.grad_views[i] for i in missing] + buffer.grad_padding_views
+            )
             all_present = len(have) == len(buffer.params)
             masks.append(None if all_present else buffer.shard_mask(have))
         return masks
@@ -497,33 +503,40 @@ class ShardedAdam(torch.optim.Optimizer):
                 buffer.shard_grad.mul_(mask)
             state.grad_accumulator.zero_()
 
-    def _clip_grads(self) -> Tensor | None:
-        """Record the global gradient norm; clip per tensor in place; the global-clip factor."""
-        shard_sq = [squared_norm(b.shard_grad) for b in self.buffers]
-        total_sq = torch.stack([s.to(torch.float64) for s in shard_sq]).sum()
-        comm.all_reduce_sum_(total_sq, self.process_group)
-        self.last_grad_norm = total_sq.sqrt().to(torch.float32)
-        self._clip_by_norm_per_tensor()
-        if self.options.global_clipnorm is None:
-            return None
-        return global_clip_scale(self.last_grad_norm, self.options.global_clipnorm)
+    def _clip_grads(self) -> tuple[Tensor | None, list[Tensor | None]]:
+        """Clip in place (per tensor) and return the global-clip factor.
 
-    def _clip_by_norm_per_tensor(self) -> None:
+        Also returns, per buffer, the local pre-clip squared norm where clipping had to compute
+        it anyway (None elsewhere: the update kernel reduces it in its own pass).
+        """
+        if self.options.global_clipnorm is not None:
+            local_sq = [squared_norm(b.shard_grad) for b in self.buffers]
+            self._record_grad_norm(local_sq)
+            return global_clip_scale(self.last_grad_norm, self.options.global_clipnorm), local_sq
+        return None, self._clip_by_norm_per_tensor()
+
+    def _clip_by_norm_per_tensor(self) -> list[Tensor | None]:
+        """Keras's clipnorm; per buffer, the local squared norm before clipping (or None)."""
+        local_sq: list[Tensor | None] = [None] * len(self.buffers)
         clipped = [
             b
-            for b, buffer in enumerate(self.buffers)
-            if self.param_groups[self._buffer_groups[b]]["clipnorm"] is not None and buffer.pieces
+            for b in range(len(self.buffers))
+            if self.param_groups[self._buffer_groups[b]]["clipnorm"] is not None
         ]
         if not clipped:
-            return
-        # One all-reduce of every clipped buffer's per-parameter partial sums of squares.
+            return local_sq
+        # One all-reduce of every clipped buffer's per-parameter partial sums of squares (a
+        # tensor cut by a shard boundary has a partial sum on each of its ranks).
         partials = []
         for b in clipped:
             buffer = self.buffers[b]
-            piece_sq = piece_squared_norms(buffer.shard_grad_pieces).to(buffer.device)
-            index = torch.tensor([p.param_index for p in buffer.pieces], device=buffer.device)
             per_param = torch.zeros(len(buffer.params), dtype=torch.float32, device=buffer.device)
-            partials.append(per_param.index_add_(0, index, piece_sq))
+            if buffer.pieces:
+                piece_sq = piece_squared_norms(buffer.shard_grad_pieces).to(buffer.device)
+                index = torch.tensor([p.param_index for p in buffer.pieces], device=buffer.device)
+                per_param.index_add_(0, index, piece_sq)
+            local_sq[b] = per_param.sum()
+            partials.append(per_param)
         summed = torch.cat(partials)
         comm.all_reduce_sum_(summed, self.process_group)
         offset = 0
@@ -534,6 +547,13 @@ class ShardedAdam(torch.optim.Optimizer):
             clipnorm = self.param_groups[self._buffer_groups[b]]["clipnorm"]
             piece_sq = [per_param[p.param_index] for p in buffer.pieces]
             clip_by_norm_(buffer.shard_grad_pieces, piece_sq, clipnorm)
+        return local_sq
+
+    def _record_grad_norm(self, local_sq: list[Tensor]) -> None:
+        """Collective when sharded: last_grad_norm from each buffer's local squared norm."""
+        total_sq = torch.stack([s.to(torch.float64) for s in local_sq]).sum()
+        comm.all_reduce_sum_(total_sq, self.process_group)
+        self.last_grad_norm = total_sq.sqrt().to(torch.float32)
 
     def _group_learning_rate(self, index: int, record: bool) -> float | Tensor:
         group = self.param_groups[index]
@@ -605,7 +625,9 @@ class ShardedAdam(torch.optim.Optimizer):
 
     def _update_shards(
         self, scalars: list[Tensor], grad_masks: list[Tensor | None], grad_scale: Tensor | None
-    ) -> None:
+    ) -> list[Tensor]:
+        """Update every owned shard; per buffer, the local squared norm of its gradient."""
+        grad_sq = []
         for b, (buffer, state) in enumerate(zip(self.buffers, self.shard_states)):
             group = self.param_groups[self._buffer_groups[b]]
             if grad_scale is not None:
@@ -614,19 +636,23 @@ class ShardedAdam(torch.optim.Optimizer):
                 state.exp_avg_sq_max = torch.zeros_like(state.exp_avg_sq)
                 self._bind_param_state(b)
             decay_mask = self._decay_masks[b] if group["weight_decay"] != 0 else None
-            self._runner(
-                adam_shard_step_,
-                buffer.shard_param,
-                buffer.shard_grad,
-                state.exp_avg,
-                state.exp_avg_sq,
-                state.exp_avg_sq_max if group["amsgrad"] else None,
-                state.ema,
-                state.master,
-                decay_mask,
-                grad_masks[b],
-                scalars[b],
+            grad_sq.append(
+                self._runner(
+                    adam_shard_step_,
+                    adam_shard_step_inplace_,
+                    buffer.shard_param,
+                    buffer.shard_grad,
+                    state.exp_avg,
+                    state.exp_avg_sq,
+                    state.exp_avg_sq_max if group["amsgrad"] else None,
+                    state.ema,
+                    state.master,
+                    decay_mask,
+                    grad_masks[b],
+                    scalars[b],
+                )
             )
+        return grad_sq
 
     def _update_ema_only(self) -> bool:
         """Advance the EMA on a step that only accumulates; True if it overwrote parameters."""
@@ -634,18 +660,9 @@ class ShardedAdam(torch.optim.Optimizer):
             return False
         ema_momentum, ema_overwrite = self._ema_scalars()
         for buffer, state in zip(self.buffers, self.shard_states):
-            scalars = update_scalars(
-                0.0,
-                0.0,
-                0.0,
-                0.0,
-                0.0,
-                step=1,
-                ema_momentum=ema_momentum,
-                ema_overwrite=ema_overwrite,
-                dtype=_compute_dtype(buffer.dtype),
-            ).to(buffer.device, non_blocking=True)
-            self._runner(ema_shard_step_, buffer.shard_param, state.ema, state.master, scalars)
+            ema_shard_step_(
+                buffer.shard_param, state.ema, state.master, ema_momentum, ema_overwrite
+            )
         return ema_overwrite
 
     def _gather_params(self) -> None:

@@ -28,6 +28,11 @@ def test_every_element_owned_once_for_any_world_size(seed):
             assert span.flat.numel == prod(span.shape)
         for a, b in zip(layout.params, layout.params[1:]):
             assert a.flat.end <= b.flat.start
+        covered = sorted(
+            [s.flat for s in layout.params] + list(layout.padding()), key=lambda r: r.start
+        )
+        assert covered[0].start == 0 and covered[-1].end == layout.padded_numel
+        assert all(a.end == b.start for a, b in zip(covered, covered[1:]))
         owned = {(span.index, e): 0 for span in layout.params for e in range(span.flat.numel)}
         for rank in range(world_size):
             shard = layout.shard(rank)
