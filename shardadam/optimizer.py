@@ -461,9 +461,9 @@ class ShardedAdam(torch.optim.Optimizer):
             )
             copied = set(with_grad)
             missing = [i for i in range(len(buffer.params)) if i not in copied]
-            torch._foreach_zero_(
-                [buffer.grad_views[i] for i in missing] + buffer.grad_padding_views
-            )
+            to_zero = [buffer.grad_views[i] for i in missing] + buffer.grad_padding_views
+            if to_zero:
+                torch._foreach_zero_(to_zero)
             all_present = len(have) == len(buffer.params)
             masks.append(None if all_present else buffer.shard_mask(have))
         return masks

@@ -104,6 +104,7 @@ def test_one_cycle_lr_writes_lr_and_betas_that_the_step_uses():
 
 
 def test_closure_is_evaluated_with_grad_and_its_loss_returned():
+    torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     opt = ShardedAdam(model.parameters(), learning_rate=0.1, jit_compile=False)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
@@ -253,3 +254,19 @@ def test_float64_parameters_run_in_float64_like_keras():
         opt.step()
     for p, v in zip(params, variables):
         torch.testing.assert_close(p.detach(), torch.as_tensor(v.numpy()), rtol=1e-12, atol=1e-14)
+
+
+def test_a_buffer_without_padding_steps():
+    # 32 elements fill two aligned blocks exactly: the layout has no padding at all.
+    p = torch.nn.Parameter(torch.ones(32))
+    opt = ShardedAdam([p], learning_rate=0.5, jit_compile=False)
+    assert opt.buffers[0].layout.padding() == ()
+    p.grad = torch.ones(32)
+    opt.step()
+    # Step 1 with g = 1, in float32 as Keras: alpha = lr sqrt(1 - b2) / (1 - b1), m = 1 - b1,
+    # v = 1 - b2 (from the Python doubles), epsilon added to sqrt(v).
+    f32 = np.float32
+    alpha = f32(0.5) * np.sqrt(f32(1) - f32(0.999)) / (f32(1) - f32(0.9))
+    m, v = f32(1 - 0.9), f32(1 - 0.999)
+    expected = float(f32(1) - m * alpha / (np.sqrt(v) + f32(1e-7)))
+    torch.testing.assert_close(p.detach(), torch.full((32,), expected), rtol=1e-6, atol=1e-7)
