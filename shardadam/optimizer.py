@@ -283,10 +283,14 @@ class ShardedAdam(torch.optim.Optimizer):
         state = ShardState(exp_avg=zeros(), exp_avg_sq=zeros())
         if group["amsgrad"]:
             state.exp_avg_sq_max = zeros()
-        if self.options.use_ema:
-            state.ema = zeros()
         if dtype != buffer.dtype:
             state.master = buffer.shard_param.to(dtype)
+        if self.options.use_ema:
+            # Keras starts averages at zero and takes the parameter at step 1; parameters added
+            # after step 1 start their average at their current value instead of at zero.
+            started = self.iterations > 0
+            weights = buffer.shard_param if state.master is None else state.master
+            state.ema = weights.to(dtype, copy=True) if started else zeros()
         if self.options.gradient_accumulation_steps:
             state.grad_accumulator = zeros()
         return state
@@ -455,10 +459,11 @@ class ShardedAdam(torch.optim.Optimizer):
         masks: list[Tensor | None] = []
         for buffer, have in zip(self.buffers, present):
             with_grad = [i for i in have if buffer.params[i].grad is not None]
-            torch._foreach_copy_(
-                [buffer.grad_views[i] for i in with_grad],
-                [buffer.params[i].grad for i in with_grad],
-            )
+            if with_grad:
+                torch._foreach_copy_(
+                    [buffer.grad_views[i] for i in with_grad],
+                    [buffer.params[i].grad for i in with_grad],
+                )
             copied = set(with_grad)
             missing = [i for i in range(len(buffer.params)) if i not in copied]
             to_zero = [buffer.grad_views[i] for i in missing] + buffer.grad_padding_views
@@ -679,6 +684,8 @@ class ShardedAdam(torch.optim.Optimizer):
         """Collective when sharded: the EMA of a whole buffer, flat and padded."""
         buffer = self.buffers[buffer_index]
         ema = self.shard_states[buffer_index].ema
+        if not comm.is_distributed(self.process_group):
+            return ema
         full = torch.zeros(buffer.layout.padded_numel, dtype=ema.dtype, device=ema.device)
         full[buffer.shard.slice] = ema
         comm.gather_shards_(full, buffer.layout.shard_numel, self.process_group)
@@ -762,6 +769,9 @@ class ShardedAdam(torch.optim.Optimizer):
                         old if new is None else new for old, new in zip(group["betas"], value)
                     )
                 if key == "lr" and group[LR_SCHEDULE_KEY] is not None:
+                    continue
+                if key == "lr" and isinstance(group["lr"], Tensor):
+                    group["lr"].fill_(float(value))  # keep the caller's tensor, new value
                     continue
                 group[key] = value
         self._micro_steps = int(extra["micro_steps"])

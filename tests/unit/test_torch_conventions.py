@@ -270,3 +270,25 @@ def test_a_buffer_without_padding_steps():
     m, v = f32(1 - 0.9), f32(1 - 0.999)
     expected = float(f32(1) - m * alpha / (np.sqrt(v) + f32(1e-7)))
     torch.testing.assert_close(p.detach(), torch.full((32,), expected), rtol=1e-6, atol=1e-7)
+
+
+def test_a_group_added_mid_training_starts_its_average_at_its_value():
+    first = torch.nn.Parameter(torch.zeros(3))
+    opt = ShardedAdam([first], learning_rate=0.1, use_ema=True, jit_compile=False)
+    first.grad = torch.ones(3)
+    opt.step()
+    late = torch.nn.Parameter(torch.full((2,), 4.0))
+    opt.add_param_group({"params": [late]})
+    assert torch.equal(opt.moving_average(late), late.detach())
+    first.grad = torch.ones(3)
+    opt.step()  # late has no gradient: unchanged, and its average stays at its value
+    assert torch.equal(opt.moving_average(late), torch.full((2,), 4.0))
+
+
+def test_loading_keeps_the_callers_learning_rate_tensor():
+    lr = torch.tensor(0.1)
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = ShardedAdam([p], learning_rate=lr, jit_compile=False)
+    saved = ShardedAdam([torch.nn.Parameter(torch.randn(3))], learning_rate=0.02).state_dict()
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.02)
