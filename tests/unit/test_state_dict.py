@@ -83,12 +83,17 @@ def test_resumed_run_continues_bit_identically():
     assert resumed_state["shardadam"] == final_state["shardadam"]
 
 
-def test_state_names_carry_the_optimizer_name():
-    case = make_case(SHAPES, steps=3, seed=1)
+def trained(steps: int):
+    """(case, optimizer, its state_dict) after ``steps`` micro-steps."""
+    case = make_case(SHAPES, steps=steps, seed=1)
     params = make_params(case)
     opt = build(params, 0.9)
     train(opt, params, case.grads)
-    sd = opt.state_dict()
+    return case, opt, opt.state_dict()
+
+
+def test_state_names_carry_the_optimizer_name():
+    _, _, sd = trained(steps=3)
     assert set(sd["state"][3]) == {
         "MyAdam/momentum",
         "MyAdam/velocity",
@@ -115,11 +120,7 @@ def test_loading_restores_saved_hyperparameters():
 
 
 def test_mismatched_state_dicts_are_refused_clearly():
-    case = make_case(SHAPES, steps=2, seed=1)
-    params = make_params(case)
-    opt = build(params, 0.9)
-    train(opt, params, case.grads)
-    sd = opt.state_dict()
+    case, opt, sd = trained(steps=2)
 
     with pytest.raises(ValueError, match="expects the state_dict\\(\\) of a ShardedAdam"):
         opt.load_state_dict({"state": {}, "param_groups": []})
