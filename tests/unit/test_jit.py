@@ -42,3 +42,25 @@ def test_compiled_and_eager_updates_agree():
     eager, eager_avg, _ = run_ours(CASE, {**KWARGS, "jit_compile": False})
     for a, b in zip(compiled + compiled_avg, eager + eager_avg):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_new_learning_rates_and_shard_sizes_do_not_recompile():
+    from torch._dynamo.utils import counters
+
+    from shardadam import ShardedAdam, schedules
+
+    # Two groups (two buffers of different sizes) of one variant, a schedule changing lr.
+    groups = [
+        {"params": [torch.nn.Parameter(torch.randn(40))]},
+        {"params": [torch.nn.Parameter(torch.randn(3, 7))]},
+    ]
+    opt = ShardedAdam(
+        groups, learning_rate=schedules.ExponentialDecay(0.1, 2, 0.5), beta_1=0.85, jit_compile=True
+    )
+    graphs_before = counters["stats"]["unique_graphs"]
+    for _ in range(4):
+        for group in groups:
+            group["params"][0].grad = torch.randn_like(group["params"][0])
+        opt.step()
+    assert opt._runner.jit_compile
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 1
