@@ -1,8 +1,14 @@
-"""Flat buffers: the parameters of one (param group, dtype, device) packed into one tensor.
+"""Flat buffers: the parameters of one bucket of one (param group, dtype) packed into one tensor.
 
 Parameters become views into the flat parameter buffer (their ``nn.Parameter`` identity is
 kept), so an update of the flat buffer or a collective into it changes the model with no copy.
-Gradients are gathered into a flat gradient buffer of the same layout.
+Gradients are gathered into a flat gradient buffer of the same layout and reduced from there.
+
+Note [gradient storage per stage]
+    In one process, and at stage 1, the flat gradient buffer is kept and the shard gradient is
+    a view of it. At stage 2 across ranks the full buffer lives only from the gathering of the
+    gradients to their reduce-scatter; the reduced shard has storage of its own, so a rank
+    keeps 1/world_size of the gradients between steps.
 """
 
 from __future__ import annotations
@@ -16,14 +22,15 @@ from .layout import BufferLayout, Range
 class FlatBuffer:
     """Flat parameter and gradient storage of one buffer, and this rank's shard of both."""
 
-    def __init__(self, params: list[Tensor], layout: BufferLayout, rank: int) -> None:
+    def __init__(
+        self, params: list[Tensor], layout: BufferLayout, rank: int, keep_full_grad: bool = True
+    ) -> None:
         first = params[0]
         self.layout = layout
         self.params = params
         self.dtype = first.dtype
         self.device = first.device
         self.flat_param = torch.zeros(layout.padded_numel, dtype=self.dtype, device=self.device)
-        self.flat_grad = torch.zeros_like(self.flat_param)
         self.shard = layout.shard(rank)
         self.pieces = layout.pieces(rank)
         with torch.no_grad():
@@ -33,10 +40,30 @@ class FlatBuffer:
                 # Rebinding .data keeps the Parameter object (and so module references and
                 # hooks) while its storage becomes part of the flat buffer.
                 param.data = view
-        self.grad_views = [self.grad_view(span.index) for span in layout.params]
-        # The update may use the gradient buffer as scratch space; step() re-zeroes these.
-        self.grad_padding_views = [self.flat_grad[gap.slice] for gap in layout.padding()]
+        self.keep_full_grad = keep_full_grad
+        self.flat_grad: Tensor | None = None
+        if keep_full_grad:
+            self.allocate_full_grad()
+            self.shard_grad = self.flat_grad[self.shard.slice]
+        else:
+            self.shard_grad = torch.zeros(self.shard.numel, dtype=self.dtype, device=self.device)
         self.shard_grad_pieces = [self.shard_grad[p.local.slice] for p in self.pieces]
+
+    def allocate_full_grad(self) -> Tensor:
+        """The full flat gradient buffer, allocated if it was released (stage 2)."""
+        if self.flat_grad is None:
+            self.flat_grad = torch.zeros_like(self.flat_param)
+            self.grad_views = [self.grad_view(span.index) for span in self.layout.params]
+            # The update may use the gradient as scratch space; step() re-zeroes the padding.
+            self.grad_padding_views = [self.flat_grad[g.slice] for g in self.layout.padding()]
+        return self.flat_grad
+
+    def release_full_grad(self) -> None:
+        """Drop the full gradient buffer once reduced, where the shard has its own storage."""
+        if not self.keep_full_grad:
+            self.flat_grad = None
+            self.grad_views = []
+            self.grad_padding_views = []
 
     def param_view(self, index: int) -> Tensor:
         span = self.layout.params[index]
@@ -49,10 +76,6 @@ class FlatBuffer:
     @property
     def shard_param(self) -> Tensor:
         return self.flat_param[self.shard.slice]
-
-    @property
-    def shard_grad(self) -> Tensor:
-        return self.flat_grad[self.shard.slice]
 
     def shard_range_of(self, index: int) -> Range | None:
         """Elements of parameter ``index`` inside this rank's shard, in shard coordinates."""

@@ -1,12 +1,26 @@
 """Collectives on flat buffers; with no process group (world size 1) each is a no-op.
 
-This module knows nothing of Adam: it moves flat tensors between ranks.
+This module knows nothing of Adam: it moves flat tensors split into ``world_size`` equal
+chunks (see Note [equal shard sizes] in ``layout``) between ranks.
+
+Note [collectives per backend]
+    gloo's own reduce-scatter and all-gather are slow: measured on 200 MB at world size 2,
+    ``reduce_scatter_tensor`` took 242 ms and ``all_gather_into_tensor`` 188 ms, where a ring of
+    ``isend``/``irecv`` did them in 127 ms and 75 ms (``all_reduce`` 144 ms, one ``broadcast``
+    per owner 85 ms). On NCCL the native reduce-scatter and all-gather are the optimum. So
+    ``comm="auto"`` picks "ring" on gloo and "native" elsewhere; every mode gives the same sums.
+      native:     reduce_scatter_tensor / all_gather_into_tensor
+      ring:       W - 1 neighbour exchanges of one chunk each, for both directions
+      all_reduce: all_reduce for gradients, one broadcast per owning rank for parameters
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
+
+_AUTO_BY_BACKEND = {"gloo": "ring", "nccl": "native"}
 
 
 def default_group(process_group: object | None) -> object | None:
@@ -24,39 +38,117 @@ def rank_and_world_size(group: object | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def all_reduce_sum_(tensor: Tensor, group: object | None) -> None:
-    """Collective: sum ``tensor`` over the ranks of ``group``, in place."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-
-
-def average_grads_(flat_grad: Tensor, group: object | None) -> None:
-    """Collective: replace ``flat_grad`` by its mean over the ranks, as DDP averages."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    dist.all_reduce(flat_grad, op=dist.ReduceOp.SUM, group=group)
-    flat_grad.div_(dist.get_world_size(group))
-
-
-def gather_shards_(flat: Tensor, shard_numel: int, group: object | None) -> None:
-    """Collective: every rank sends its shard of ``flat`` and receives all others, in place."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    rank = dist.get_rank(group)
-    own = flat[rank * shard_numel : (rank + 1) * shard_numel].clone()
-    # torch 2.13 renamed all_gather_into_tensor; older releases have only the old name.
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    all_gather(flat, own, group=group)
-
-
-def all_gather_objects(obj: object, group: object | None) -> list[object]:
-    """Collective: every rank's ``obj``, in rank order (just ``[obj]`` without a group)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return [obj]
-    gathered: list[object] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, obj, group=group)
-    return gathered
-
-
 def is_distributed(group: object | None) -> bool:
     return group is not None and dist.get_world_size(group) > 1
+
+
+def resolve_mode(mode: str, group: object | None) -> str:
+    """The collective mode ``auto`` stands for on this group's backend."""
+    if mode != "auto":
+        return mode
+    if group is None:
+        return "native"
+    return _AUTO_BY_BACKEND.get(str(dist.get_backend(group)), "native")
+
+
+class Communicator:
+    """The collectives of one process group in one mode (see Note [collectives per backend])."""
+
+    def __init__(self, group: object | None, mode: str) -> None:
+        self.group = group
+        self.rank, self.world_size = rank_and_world_size(group)
+        self.mode = resolve_mode(mode, group)
+        if self.world_size > 1:
+            self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def _chunks(self, flat: Tensor) -> list[Tensor]:
+        return list(flat.view(self.world_size, -1).unbind(0))
+
+    def all_reduce_mean_(self, flat: Tensor) -> None:
+        """Collective: replace ``flat`` by its mean over the ranks, as DDP averages."""
+        if self.active:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            flat.div_(self.world_size)
+
+    def reduce_scatter_mean_(self, flat: Tensor, shard: Tensor) -> None:
+        """Collective: ``shard`` receives the mean over ranks of this rank's chunk of ``flat``.
+
+        ``flat`` is used as scratch space and holds partial sums afterwards.
+        """
+        if not self.active:
+            shard.copy_(flat)
+            return
+        if self.mode == "native":
+            dist.reduce_scatter_tensor(shard, flat, op=dist.ReduceOp.SUM, group=self.group)
+        elif self.mode == "ring":
+            self._ring_reduce_scatter_(flat)
+            shard.copy_(self._chunks(flat)[self.rank])
+        else:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            shard.copy_(self._chunks(flat)[self.rank])
+        shard.div_(self.world_size)
+
+    def all_gather_(self, flat: Tensor) -> None:
+        """Collective: every rank's chunk of ``flat`` reaches every rank, in place."""
+        if not self.active:
+            return
+        chunks = self._chunks(flat)
+        if self.mode == "native":
+            own = chunks[self.rank].clone()
+            # torch 2.13 renamed all_gather_into_tensor; older releases have only that name.
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather(flat, own, group=self.group)
+        elif self.mode == "ring":
+            self._ring_all_gather_(chunks)
+        else:
+            for owner, chunk in enumerate(chunks):
+                dist.broadcast(chunk, src=self._global[owner], group=self.group)
+
+    def all_reduce_sum_(self, tensor: Tensor) -> None:
+        """Collective: sum a (small) tensor over the ranks, in place."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+    def all_reduce_max_(self, tensor: Tensor) -> None:
+        """Collective: elementwise maximum of a (small) tensor over the ranks, in place."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+
+    def all_gather_objects(self, obj: object) -> list[object]:
+        """Collective: every rank's ``obj``, in rank order (just ``[obj]`` in one process)."""
+        if not self.active:
+            return [obj]
+        gathered: list[object] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
+    def _exchange(self, send: Tensor, recv: Tensor) -> None:
+        """Send to the right neighbour and receive from the left one."""
+        right = self._global[(self.rank + 1) % self.world_size]
+        left = self._global[(self.rank - 1) % self.world_size]
+        requests = [
+            dist.isend(send, right, group=self.group),
+            dist.irecv(recv, left, group=self.group),
+        ]
+        for request in requests:
+            request.wait()
+
+    def _ring_reduce_scatter_(self, flat: Tensor) -> None:
+        # At step s rank r passes on its partial sum of chunk r-s-1 and adds the one of chunk
+        # r-s-2 from the left; after W-1 steps chunk r holds the sum over all ranks.
+        chunks = self._chunks(flat)
+        incoming = torch.empty_like(chunks[0])
+        w, r = self.world_size, self.rank
+        for s in range(w - 1):
+            self._exchange(chunks[(r - s - 1) % w], incoming)
+            chunks[(r - s - 2) % w].add_(incoming)
+
+    def _ring_all_gather_(self, chunks: list[Tensor]) -> None:
+        # At step s rank r passes on chunk r-s and receives chunk r-s-1 in place.
+        w, r = self.world_size, self.rank
+        for s in range(w - 1):
+            self._exchange(chunks[(r - s) % w], chunks[(r - s - 1) % w])

@@ -150,7 +150,8 @@ class ShardedAdam(torch.optim.Optimizer):
             )
         self.sharding = ShardingOptions(**sharding_options)
         self.process_group = comm.default_group(process_group)
-        self.rank, self.world_size = comm.rank_and_world_size(self.process_group)
+        self.comm = comm.Communicator(self.process_group, self.sharding.comm)
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
 
         check_learning_rate(learning_rate)
         lr_value, lr_schedule = _split_learning_rate(learning_rate)
@@ -257,22 +258,69 @@ class ShardedAdam(torch.optim.Optimizer):
         names = group.get("param_names") or [
             f"group{group_index}.param{i}" for i in range(len(group["params"]))
         ]
+        self._check_ranks_agree(group_index, names, group["params"])
         by_dtype: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
         for name, p in zip(names, group["params"]):
             by_dtype.setdefault(p.dtype, []).append((name, p))
-        for named in by_dtype.values():
+        # Note [gradient storage per stage]
+        keep_full_grad = self.sharding.stage == 1 or not self.comm.active
+        for named in (b for same_dtype in by_dtype.values() for b in self._buckets(same_dtype)):
             layout = build_layout(
                 [tuple(p.shape) for _, p in named],
                 [n for n, _ in named],
                 self.world_size,
                 self.sharding.align_numel,
             )
-            buffer = FlatBuffer([p for _, p in named], layout, self.rank)
+            buffer = FlatBuffer([p for _, p in named], layout, self.rank, keep_full_grad)
             self.buffers.append(buffer)
             self._buffer_groups.append(group_index)
             self.shard_states.append(self._new_shard_state(buffer, group))
             self._decay_masks.append(None)
             self._bind_param_state(len(self.buffers) - 1)
+
+    def _buckets(self, named: list[tuple[str, Tensor]]) -> list[list[tuple[str, Tensor]]]:
+        """Split one dtype's parameters into buffers of about ``bucket_cap_mb`` each.
+
+        Across ranks each buffer is reduced as one bucket; buckets are filled from the last
+        parameter backwards, the order in which backward produces gradients. One process needs
+        no buckets: its parameters of one dtype share one buffer.
+        """
+        if not self.comm.active:
+            return [named]
+        cap_numel = int(self.sharding.bucket_cap_mb * 2**20) // named[0][1].element_size()
+        buckets: list[list[tuple[str, Tensor]]] = [[]]
+        filled = 0
+        for name, p in reversed(named):
+            if buckets[-1] and filled + p.numel() > cap_numel:
+                buckets.append([])
+                filled = 0
+            buckets[-1].insert(0, (name, p))
+            filled += p.numel()
+        return buckets
+
+    def _check_ranks_agree(self, group_index: int, names: list[str], params: list[Tensor]) -> None:
+        """Collective: every rank must hold the same parameters, or all raise naming the first
+        that differs (instead of hanging in a later collective)."""
+        if not self.comm.active:
+            return
+        mine = [(n, tuple(p.shape), str(p.dtype)) for n, p in zip(names, params)]
+        everyone = self.comm.all_gather_objects(mine)
+        reference = everyone[0]
+        for rank, theirs in enumerate(everyone[1:], start=1):
+            if theirs == reference:
+                continue
+            where = f"rank {self.rank}/{self.world_size}: param group {group_index}: "
+            for (n0, s0, d0), (n1, s1, d1) in zip(reference, theirs):
+                if (n0, s0, d0) != (n1, s1, d1):
+                    raise RuntimeError(
+                        f"{where}parameter {n1!r} has shape {s1} and dtype {d1} on rank {rank} "
+                        f"but rank 0 has {n0!r} with shape {s0} and dtype {d0}; every rank must "
+                        "pass the same parameters in the same order"
+                    )
+            raise RuntimeError(
+                f"{where}rank {rank} has {len(theirs)} parameters but rank 0 has "
+                f"{len(reference)}; every rank must pass the same parameters in the same order"
+            )
 
     def _new_shard_state(self, buffer: FlatBuffer, group: dict[str, Any]) -> ShardState:
         dtype = _compute_dtype(buffer.dtype)
@@ -415,8 +463,8 @@ class ShardedAdam(torch.optim.Optimizer):
         # Every hyperparameter is read and checked before any state changes, so that a bad
         # value raises with parameters, moments and accumulators as they were.
         scalars = self._update_scalars() if is_update else None
+        self._reduce_grads()
         for buffer in self.buffers:
-            comm.average_grads_(buffer.flat_grad, self.process_group)
             if self.options.loss_scale_factor is not None:
                 buffer.shard_grad.div_(self.options.loss_scale_factor)
         if scalars is None:
@@ -436,6 +484,17 @@ class ShardedAdam(torch.optim.Optimizer):
             self._gather_params()
         self._micro_steps += 1
         return loss
+
+    def _reduce_grads(self) -> None:
+        """Collective: average gradients over ranks; stage 2 keeps only this rank's shard."""
+        if not self.comm.active:
+            return
+        for buffer in self.buffers:
+            if self.sharding.stage == 1:
+                self.comm.all_reduce_mean_(buffer.flat_grad)
+            else:
+                self.comm.reduce_scatter_mean_(buffer.flat_grad, buffer.shard_grad)
+                buffer.release_full_grad()
 
     def _gather_grads(self) -> list[Tensor | None]:
         """Copy each p.grad into the flat gradient buffers; the mask of present gradients."""
@@ -458,6 +517,7 @@ class ShardedAdam(torch.optim.Optimizer):
             raise ValueError("No gradients provided for any variable.")
         masks: list[Tensor | None] = []
         for buffer, have in zip(self.buffers, present):
+            buffer.allocate_full_grad()
             with_grad = [i for i in have if buffer.params[i].grad is not None]
             if with_grad:
                 torch._foreach_copy_(
@@ -476,7 +536,7 @@ class ShardedAdam(torch.optim.Optimizer):
     def _agree_on_present_grads(self, present: list[list[int]]) -> list[list[int]]:
         # Note [missing gradients across ranks]: a parameter counts as having a gradient if
         # it has one on any rank; ranks without one contribute zeros to the average.
-        if not comm.is_distributed(self.process_group):
+        if not self.comm.active:
             return present
         flags = [
             torch.zeros(len(b.params), dtype=torch.int32, device=b.device) for b in self.buffers
@@ -484,9 +544,7 @@ class ShardedAdam(torch.optim.Optimizer):
         for flag, have in zip(flags, present):
             flag[have] = 1
         flat = torch.cat(flags)
-        torch.distributed.all_reduce(
-            flat, op=torch.distributed.ReduceOp.MAX, group=self.process_group
-        )
+        self.comm.all_reduce_max_(flat)
         agreed, offset = [], 0
         for buffer in self.buffers:
             n = len(buffer.params)
@@ -543,7 +601,7 @@ class ShardedAdam(torch.optim.Optimizer):
             local_sq[b] = per_param.sum()
             partials.append(per_param)
         summed = torch.cat(partials)
-        comm.all_reduce_sum_(summed, self.process_group)
+        self.comm.all_reduce_sum_(summed)
         offset = 0
         for b in clipped:
             buffer = self.buffers[b]
@@ -557,7 +615,7 @@ class ShardedAdam(torch.optim.Optimizer):
     def _record_grad_norm(self, local_sq: list[Tensor]) -> None:
         """Collective when sharded: last_grad_norm from each buffer's local squared norm."""
         total_sq = torch.stack([s.to(torch.float64) for s in local_sq]).sum()
-        comm.all_reduce_sum_(total_sq, self.process_group)
+        self.comm.all_reduce_sum_(total_sq)
         self.last_grad_norm = total_sq.sqrt().to(torch.float32)
 
     def _group_learning_rate(self, index: int, record: bool) -> float | Tensor:
@@ -672,7 +730,36 @@ class ShardedAdam(torch.optim.Optimizer):
 
     def _gather_params(self) -> None:
         for buffer in self.buffers:
-            comm.gather_shards_(buffer.flat_param, buffer.layout.shard_numel, self.process_group)
+            self.comm.all_gather_(buffer.flat_param)
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds, by kind.
+
+        ``optimizer_state`` sums the sharded state (moments, AMSGrad maxima, EMA, fp32 master,
+        accumulators); ``grad_shards`` the reduced gradient shards with storage of their own;
+        ``full_grad_buffers`` the full flat gradient buffers currently allocated (none between
+        steps at stage 2 across ranks); ``param_buffers`` the flat parameters (the model's).
+        """
+
+        def nbytes(tensors: Iterable[Tensor | None]) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+        states = self.shard_states
+        report = {
+            "moments": nbytes(t for s in states for t in (s.exp_avg, s.exp_avg_sq)),
+            "amsgrad_max": nbytes(s.exp_avg_sq_max for s in states),
+            "ema": nbytes(s.ema for s in states),
+            "master_weights": nbytes(s.master for s in states),
+            "grad_accumulators": nbytes(s.grad_accumulator for s in states),
+            "grad_shards": nbytes(b.shard_grad for b in self.buffers if not b.keep_full_grad),
+            "full_grad_buffers": nbytes(b.flat_grad for b in self.buffers),
+            "param_buffers": nbytes(b.flat_param for b in self.buffers),
+        }
+        report["optimizer_state"] = sum(
+            report[k]
+            for k in ("moments", "amsgrad_max", "ema", "master_weights", "grad_accumulators")
+        )
+        return report
 
     # ------------------------------------------------------------------ the EMA
 
@@ -684,11 +771,11 @@ class ShardedAdam(torch.optim.Optimizer):
         """Collective when sharded: the EMA of a whole buffer, flat and padded."""
         buffer = self.buffers[buffer_index]
         ema = self.shard_states[buffer_index].ema
-        if not comm.is_distributed(self.process_group):
+        if not self.comm.active:
             return ema
         full = torch.zeros(buffer.layout.padded_numel, dtype=ema.dtype, device=ema.device)
         full[buffer.shard.slice] = ema
-        comm.gather_shards_(full, buffer.layout.shard_numel, self.process_group)
+        self.comm.all_gather_(full)
         return full
 
     def moving_average(self, param: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from shardadam import ShardedAdam
 
 RTOL, ATOL = 1e-5, 1e-6
+LR = 0.05
 
 
 @dataclass
@@ -137,3 +138,50 @@ def assert_all_close(
 ) -> None:
     for o, t, n in zip(ours, theirs, names):
         torch.testing.assert_close(o, t, rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def make_schedule(module, kind: str):
+    """The same schedule from Keras's module or ours (same class names and arguments)."""
+    if kind == "exponential":
+        return module.ExponentialDecay(LR, decay_steps=7, decay_rate=0.8)
+    if kind == "exponential_staircase":
+        return module.ExponentialDecay(LR, decay_steps=7, decay_rate=0.8, staircase=True)
+    if kind == "piecewise":
+        return module.PiecewiseConstantDecay([5, 20, 30], [LR, 0.02, 0.01, 0.001])
+    if kind == "polynomial":
+        return module.PolynomialDecay(LR, decay_steps=30, end_learning_rate=1e-3, power=2.0)
+    if kind == "polynomial_cycle":
+        return module.PolynomialDecay(LR, decay_steps=15, power=0.5, cycle=True)
+    if kind == "inverse_time":
+        return module.InverseTimeDecay(LR, decay_steps=5, decay_rate=0.5, staircase=True)
+    if kind == "cosine":
+        return module.CosineDecay(LR, decay_steps=40, alpha=0.1)
+    if kind == "cosine_warmup":
+        return module.CosineDecay(0.0, decay_steps=30, warmup_target=LR, warmup_steps=10)
+    if kind == "cosine_restarts":
+        return module.CosineDecayRestarts(LR, first_decay_steps=6, t_mul=1.5, m_mul=0.8)
+    if kind == "cosine_restarts_t1":
+        return module.CosineDecayRestarts(LR, first_decay_steps=6, t_mul=1.0, alpha=0.2)
+    raise ValueError(kind)
+
+
+SCHEDULES = [
+    "exponential",
+    "exponential_staircase",
+    "piecewise",
+    "polynomial",
+    "polynomial_cycle",
+    "inverse_time",
+    "cosine",
+    "cosine_warmup",
+    "cosine_restarts",
+    "cosine_restarts_t1",
+]
+
+
+def resolve_schedules(kwargs: dict, module) -> dict:
+    """Replace a schedule's name in ``learning_rate`` by the schedule from ``module``."""
+    out = dict(kwargs)
+    if isinstance(out.get("learning_rate"), str):
+        out["learning_rate"] = make_schedule(module, out["learning_rate"])
+    return out

@@ -6,10 +6,18 @@ import pytest
 import torch
 
 from shardadam import schedules
-from tests.reference import SHAPES, assert_all_close, make_case, run_keras, run_ours
+from tests.reference import (
+    LR,
+    SCHEDULES,
+    SHAPES,
+    assert_all_close,
+    make_case,
+    resolve_schedules,
+    run_keras,
+    run_ours,
+)
 
 CASE = make_case(SHAPES, steps=50, transposed={4})
-LR = 0.05
 
 SINGLE_ARGUMENTS = {
     "defaults": {},
@@ -64,58 +72,14 @@ COMBINATIONS = {
 }
 
 
-def make_schedule(module, kind: str):
-    """The same schedule from Keras's module or ours (same class names and arguments)."""
-    if kind == "exponential":
-        return module.ExponentialDecay(LR, decay_steps=7, decay_rate=0.8)
-    if kind == "exponential_staircase":
-        return module.ExponentialDecay(LR, decay_steps=7, decay_rate=0.8, staircase=True)
-    if kind == "piecewise":
-        return module.PiecewiseConstantDecay([5, 20, 30], [LR, 0.02, 0.01, 0.001])
-    if kind == "polynomial":
-        return module.PolynomialDecay(LR, decay_steps=30, end_learning_rate=1e-3, power=2.0)
-    if kind == "polynomial_cycle":
-        return module.PolynomialDecay(LR, decay_steps=15, power=0.5, cycle=True)
-    if kind == "inverse_time":
-        return module.InverseTimeDecay(LR, decay_steps=5, decay_rate=0.5, staircase=True)
-    if kind == "cosine":
-        return module.CosineDecay(LR, decay_steps=40, alpha=0.1)
-    if kind == "cosine_warmup":
-        return module.CosineDecay(0.0, decay_steps=30, warmup_target=LR, warmup_steps=10)
-    if kind == "cosine_restarts":
-        return module.CosineDecayRestarts(LR, first_decay_steps=6, t_mul=1.5, m_mul=0.8)
-    if kind == "cosine_restarts_t1":
-        return module.CosineDecayRestarts(LR, first_decay_steps=6, t_mul=1.0, alpha=0.2)
-    raise ValueError(kind)
-
-
-SCHEDULES = [
-    "exponential",
-    "exponential_staircase",
-    "piecewise",
-    "polynomial",
-    "polynomial_cycle",
-    "inverse_time",
-    "cosine",
-    "cosine_warmup",
-    "cosine_restarts",
-    "cosine_restarts_t1",
-]
-
-
-def _resolve(kwargs: dict, module) -> dict:
-    out = dict(kwargs)
-    if isinstance(out.get("learning_rate"), str):
-        out["learning_rate"] = make_schedule(module, out["learning_rate"])
-    return out
-
-
 def _compare(kwargs: dict, jit_compile: bool = False, case=CASE, **options) -> None:
     import keras
 
-    theirs, their_avg = run_keras(case, _resolve(kwargs, keras.optimizers.schedules), **options)
+    theirs, their_avg = run_keras(
+        case, resolve_schedules(kwargs, keras.optimizers.schedules), **options
+    )
     ours, our_avg, _ = run_ours(
-        case, {**_resolve(kwargs, schedules), "jit_compile": jit_compile}, **options
+        case, {**resolve_schedules(kwargs, schedules), "jit_compile": jit_compile}, **options
     )
     assert_all_close(ours, theirs, case.names)
     if their_avg is not None:

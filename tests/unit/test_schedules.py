@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shardadam import schedules
-from tests.unit.test_keras_parity import SCHEDULES, make_schedule
+from tests.reference import SCHEDULES, make_schedule
 
 
 @pytest.mark.parametrize("kind", SCHEDULES)
