@@ -56,7 +56,6 @@ class ShardState:
     ema: Tensor | None = None
     master: Tensor | None = None
     """fp32 copy of a low-precision shard; the update runs on it."""
-    grad_accumulator: Tensor | None = None
 
     def entries(self) -> dict[str, Tensor]:
         named = {
@@ -65,7 +64,6 @@ class ShardState:
             VELOCITY_HAT: self.exp_avg_sq_max,
             AVERAGE: self.ema,
             MASTER: self.master,
-            ACCUMULATOR: self.grad_accumulator,
         }
         return {k: v for k, v in named.items() if v is not None}
 
@@ -171,6 +169,7 @@ class ShardedAdam(torch.optim.Optimizer):
         self.shard_states: list[ShardState] = []
         self._buffer_groups: list[int] = []
         self._micro_steps = 0
+        self._sync_enabled = True
         self._has_names = False
         self._weight_decay_excluded: set[int] = set()
         self._weight_decay_patterns: list[str] = []
@@ -339,8 +338,6 @@ class ShardedAdam(torch.optim.Optimizer):
             started = self.iterations > 0
             weights = buffer.shard_param if state.master is None else state.master
             state.ema = weights.to(dtype, copy=True) if started else zeros()
-        if self.options.gradient_accumulation_steps:
-            state.grad_accumulator = zeros()
         return state
 
     def _bind_param_state(self, buffer_index: int) -> None:
@@ -387,6 +384,19 @@ class ShardedAdam(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             group["lr"], group[LR_SCHEDULE_KEY] = value, schedule
             self._scheduled_lr.pop(index, None)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients over several backward passes with no communication.
+
+        Inside the block, gradients add up in ``p.grad`` as autograd leaves them; the first
+        ``step()`` after the block reduces their sum once, as DDP's ``no_sync`` does.
+        """
+        previous, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """Multiply the loss by ``loss_scale_factor`` (step() divides the gradients by it)."""
@@ -457,33 +467,81 @@ class ShardedAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_masks = self._gather_grads()
-        accumulation = self.options.gradient_accumulation_steps
-        is_update = not accumulation or (self._micro_steps + 1) % accumulation == 0
-        # Every hyperparameter is read and checked before any state changes, so that a bad
-        # value raises with parameters, moments and accumulators as they were.
+        if not self._sync_enabled:
+            raise RuntimeError(
+                "step() was called inside opt.no_sync(); accumulate with backward() inside the "
+                "block and call step() after it"
+            )
+        steps = self.options.gradient_accumulation_steps
+        starts_cycle = not steps or self._micro_steps % steps == 0
+        is_update = not steps or (self._micro_steps + 1) % steps == 0
+        present = self._local_present_grads()
+        if is_update:
+            present = self._agree_on_present_grads(present)
+        if not any(present):
+            raise ValueError("No gradients provided for any variable.")
+        # Every hyperparameter is read and checked before any state changes (the gradient
+        # accumulators included), so that a bad value raises with everything as it was.
         scalars = self._update_scalars() if is_update else None
-        self._reduce_grads()
-        for buffer in self.buffers:
-            if self.options.loss_scale_factor is not None:
-                buffer.shard_grad.div_(self.options.loss_scale_factor)
+        self._collect_grads(starts_cycle)
         if scalars is None:
-            self._accumulate_grads()
-            params_changed = self._update_ema_only()
-        else:
-            if accumulation:
-                self._fold_accumulated_grads(accumulation, grad_masks)
-            grad_scale, local_sq = self._clip_grads()
-            kernel_sq = self._update_shards(scalars, grad_masks, grad_scale)
-            if grad_scale is None:
-                self._record_grad_norm(
-                    [k if known is None else known for known, k in zip(local_sq, kernel_sq)]
-                )
-            params_changed = True
-        if params_changed:
-            self._gather_params()
+            # Note [accumulation without communication]
+            if self._update_ema_only():
+                self._gather_params()
+            self._micro_steps += 1
+            return loss
+        self._reduce_grads()
+        grad_masks = self._prepare_shard_grads(present, steps)
+        grad_scale, local_sq = self._clip_grads()
+        kernel_sq = self._update_shards(scalars, grad_masks, grad_scale)
+        if grad_scale is None:
+            self._record_grad_norm(
+                [k if known is None else known for known, k in zip(local_sq, kernel_sq)]
+            )
+        self._gather_params()
         self._micro_steps += 1
         return loss
+
+    def _local_present_grads(self) -> list[list[int]]:
+        """Per buffer, the parameters that hold a gradient on this rank."""
+        present = []
+        for buffer in self.buffers:
+            have = []
+            for index, p in enumerate(buffer.params):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(
+                        "ShardedAdam does not support sparse gradients; got one for a "
+                        f"parameter of shape {tuple(p.shape)}"
+                    )
+                have.append(index)
+            present.append(have)
+        return present
+
+    def _collect_grads(self, starts_cycle: bool) -> None:
+        """Copy (or, within an accumulation cycle, add) each p.grad into the flat buffers.
+
+        Note [accumulation without communication]: with gradient_accumulation_steps, the flat
+        gradient buffer is the accumulator: micro-steps add this rank's gradients to it with
+        no communication, and the boundary step reduces the sum once.
+        """
+        for buffer in self.buffers:
+            buffer.allocate_full_grad()
+            with_grad = [i for i, p in enumerate(buffer.params) if p.grad is not None]
+            views = [buffer.grad_views[i] for i in with_grad]
+            grads = [buffer.params[i].grad for i in with_grad]
+            if not starts_cycle:
+                if views:
+                    torch._foreach_add_(views, grads)
+                continue
+            if views:
+                torch._foreach_copy_(views, grads)
+            copied = set(with_grad)
+            missing = [buffer.grad_views[i] for i in range(len(buffer.params)) if i not in copied]
+            # The update may have used the buffer as scratch: padding is re-zeroed too.
+            if missing or buffer.grad_padding_views:
+                torch._foreach_zero_(missing + buffer.grad_padding_views)
 
     def _reduce_grads(self) -> None:
         """Collective: average gradients over ranks; stage 2 keeps only this rank's shard."""
@@ -496,41 +554,24 @@ class ShardedAdam(torch.optim.Optimizer):
                 self.comm.reduce_scatter_mean_(buffer.flat_grad, buffer.shard_grad)
                 buffer.release_full_grad()
 
-    def _gather_grads(self) -> list[Tensor | None]:
-        """Copy each p.grad into the flat gradient buffers; the mask of present gradients."""
-        present: list[list[int]] = []
-        for buffer in self.buffers:
-            have = []
-            for index, p in enumerate(buffer.params):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise ValueError(
-                        "ShardedAdam does not support sparse gradients; got one for a "
-                        f"parameter of shape {tuple(p.shape)}"
-                    )
-                have.append(index)
-            present.append(have)
-        present = self._agree_on_present_grads(present)
-        if not any(present):
-            raise ValueError("No gradients provided for any variable.")
-        masks: list[Tensor | None] = []
+    def _prepare_shard_grads(
+        self, present: list[list[int]], steps: int | None
+    ) -> list[Tensor | None]:
+        """Unscale and average the accumulated shard gradients; the masks of present ones.
+
+        Keras: g = (g + sum of earlier micro-step gradients) / steps / loss_scale_factor. A
+        parameter without a gradient at this step is skipped, its accumulated sum dropped (as
+        Keras does), so that it adds nothing to the norms that clipping uses either.
+        """
+        divisor = (self.options.loss_scale_factor or 1.0) * (steps or 1)
+        masks = []
         for buffer, have in zip(self.buffers, present):
-            buffer.allocate_full_grad()
-            with_grad = [i for i in have if buffer.params[i].grad is not None]
-            if with_grad:
-                torch._foreach_copy_(
-                    [buffer.grad_views[i] for i in with_grad],
-                    [buffer.params[i].grad for i in with_grad],
-                )
-            copied = set(with_grad)
-            missing = [i for i in range(len(buffer.params)) if i not in copied]
-            to_zero = [buffer.grad_views[i] for i in missing] + buffer.grad_padding_views
-            if to_zero:
-                torch._foreach_zero_(to_zero)
-            all_present = len(have) == len(buffer.params)
-            masks.append(None if all_present else buffer.shard_mask(have))
+            mask = None if len(have) == len(buffer.params) else buffer.shard_mask(have)
+            if divisor != 1.0:
+                buffer.shard_grad.div_(divisor)
+            if steps and mask is not None:
+                buffer.shard_grad.mul_(mask)
+            masks.append(mask)
         return masks
 
     def _agree_on_present_grads(self, present: list[list[int]]) -> list[list[int]]:
@@ -551,20 +592,6 @@ class ShardedAdam(torch.optim.Optimizer):
             agreed.append(torch.nonzero(flat[offset : offset + n]).flatten().tolist())
             offset += n
         return agreed
-
-    def _accumulate_grads(self) -> None:
-        for buffer, state in zip(self.buffers, self.shard_states):
-            state.grad_accumulator.add_(buffer.shard_grad)
-
-    def _fold_accumulated_grads(self, steps: int, grad_masks: list[Tensor | None]) -> None:
-        # Keras: g = (g + sum of earlier micro-step gradients) / steps, then reset. A parameter
-        # without a gradient at this boundary step is skipped, its accumulated sum dropped (as
-        # Keras does), so that it adds nothing to the norms that clipping uses either.
-        for buffer, state, mask in zip(self.buffers, self.shard_states, grad_masks):
-            buffer.shard_grad.add_(state.grad_accumulator).div_(steps)
-            if mask is not None:
-                buffer.shard_grad.mul_(mask)
-            state.grad_accumulator.zero_()
 
     def _clip_grads(self) -> tuple[Tensor | None, list[Tensor | None]]:
         """Clip in place (per tensor) and return the global-clip factor.
@@ -750,14 +777,12 @@ class ShardedAdam(torch.optim.Optimizer):
             "amsgrad_max": nbytes(s.exp_avg_sq_max for s in states),
             "ema": nbytes(s.ema for s in states),
             "master_weights": nbytes(s.master for s in states),
-            "grad_accumulators": nbytes(s.grad_accumulator for s in states),
             "grad_shards": nbytes(b.shard_grad for b in self.buffers if not b.keep_full_grad),
             "full_grad_buffers": nbytes(b.flat_grad for b in self.buffers),
             "param_buffers": nbytes(b.flat_param for b in self.buffers),
         }
         report["optimizer_state"] = sum(
-            report[k]
-            for k in ("moments", "amsgrad_max", "ema", "master_weights", "grad_accumulators")
+            report[k] for k in ("moments", "amsgrad_max", "ema", "master_weights")
         )
         return report
 
@@ -909,8 +934,8 @@ class ShardedAdam(torch.optim.Optimizer):
                 for key, target in entries.items():
                     source = saved.get(f"{saved_name}/{key}")
                     if source is None:
-                        if key in (MASTER, ACCUMULATOR):
-                            continue  # rebuilt from the parameters / empty
+                        if key == MASTER:
+                            continue  # rebuilt from the parameters below
                         raise ValueError(
                             f"the state_dict has no '{saved_name}/{key}' for parameter "
                             f"'{span.name}' (shape {span.shape}), which this optimizer needs"
@@ -922,6 +947,29 @@ class ShardedAdam(torch.optim.Optimizer):
             ):
                 shard_state.master.copy_(buffer.shard_param)
             self._bind_param_state(b)
+            self._restore_accumulated_grads(buffer, saved_state, saved_name, index_of)
+
+    def _restore_accumulated_grads(
+        self,
+        buffer: FlatBuffer,
+        saved_state: dict[int, dict[str, Any]],
+        saved_name: str,
+        index_of: dict[int, int],
+    ) -> None:
+        """Within an accumulation cycle, put back this rank's local gradient sums."""
+        steps = self.options.gradient_accumulation_steps
+        if not steps or self._micro_steps % steps == 0:
+            return
+        buffer.allocate_full_grad().zero_()
+        for index, p in enumerate(buffer.params):
+            source = saved_state.get(index_of[id(p)], {}).get(f"{saved_name}/{ACCUMULATOR}")
+            if source is None:
+                name = buffer.layout.params[index].name
+                raise ValueError(
+                    "the state_dict was saved within an accumulation cycle but holds no "
+                    f"'{saved_name}/{ACCUMULATOR}' for parameter '{name}'"
+                )
+            buffer.grad_views[index].copy_(source)
 
 
 def _owned_piece(
@@ -950,6 +998,20 @@ def _pack_shardadam_state(optimizer: ShardedAdam, state_dict: dict[str, Any]) ->
     for group in state_dict["param_groups"]:
         group[LR_SCHEDULE_KEY] = None
         group["betas"] = tuple(None if callable(b) else b for b in group["betas"])
+    steps = optimizer.options.gradient_accumulation_steps
+    if steps:
+        # Note [accumulation without communication]: this rank's local gradient sums, whole
+        # parameters, live in the flat gradient buffers; zeros at the start of a cycle.
+        index_of = {
+            id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])
+        }
+        mid_cycle = optimizer._micro_steps % steps != 0
+        key = f"{optimizer.options.name}/{ACCUMULATOR}"
+        for buffer in optimizer.buffers:
+            for index, p in enumerate(buffer.params):
+                i = index_of[id(p)]
+                sums = buffer.grad_views[index].clone() if mid_cycle else torch.zeros_like(p)
+                state_dict["state"][i] = {**state_dict["state"].get(i, {}), key: sums}
     state_dict["shardadam"] = {
         "name": optimizer.options.name,
         "micro_steps": optimizer._micro_steps,
