@@ -16,6 +16,8 @@ Note [collectives per backend]
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -51,6 +53,19 @@ def resolve_mode(mode: str, group: object | None) -> str:
     return _AUTO_BY_BACKEND.get(str(dist.get_backend(group)), "native")
 
 
+class Pending:
+    """Collectives in flight, and what to do with their result once they completed."""
+
+    def __init__(self, works: list, finish: Callable[[], object]) -> None:
+        self._works = works
+        self._finish = finish
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._finish()
+
+
 class Communicator:
     """The collectives of one process group in one mode (see Note [collectives per backend])."""
 
@@ -68,45 +83,69 @@ class Communicator:
     def _chunks(self, flat: Tensor) -> list[Tensor]:
         return list(flat.view(self.world_size, -1).unbind(0))
 
+    def start_reduce(self, flat: Tensor, shard: Tensor, scatter: bool) -> Pending:
+        """Collective, started asynchronously where the mode allows: average gradients.
+
+        ``scatter=False`` (stage 1): ``flat`` becomes the mean over ranks. ``scatter=True``
+        (stage 2): ``shard`` receives the mean of this rank's chunk and ``flat`` is scratch.
+        The ring runs to completion here (each exchange needs the previous one's data); the
+        native and all-reduce collectives run in the backend's threads until ``wait()``.
+        """
+        if not self.active:
+            if scatter:
+                shard.copy_(flat)
+            return Pending([], lambda: None)
+        if not scatter:
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            return Pending([work], lambda: flat.div_(self.world_size))
+        if self.mode == "native":
+            work = dist.reduce_scatter_tensor(
+                shard, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True
+            )
+            return Pending([work], lambda: shard.div_(self.world_size))
+        if self.mode == "ring":
+            self._ring_reduce_scatter_(flat)
+            shard.copy_(self._chunks(flat)[self.rank]).div_(self.world_size)
+            return Pending([], lambda: None)
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return Pending(
+            [work], lambda: shard.copy_(self._chunks(flat)[self.rank]).div_(self.world_size)
+        )
+
     def all_reduce_mean_(self, flat: Tensor) -> None:
         """Collective: replace ``flat`` by its mean over the ranks, as DDP averages."""
-        if self.active:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-            flat.div_(self.world_size)
+        self.start_reduce(flat, flat, scatter=False).wait()
 
     def reduce_scatter_mean_(self, flat: Tensor, shard: Tensor) -> None:
         """Collective: ``shard`` receives the mean over ranks of this rank's chunk of ``flat``.
 
         ``flat`` is used as scratch space and holds partial sums afterwards.
         """
-        if not self.active:
-            shard.copy_(flat)
-            return
-        if self.mode == "native":
-            dist.reduce_scatter_tensor(shard, flat, op=dist.ReduceOp.SUM, group=self.group)
-        elif self.mode == "ring":
-            self._ring_reduce_scatter_(flat)
-            shard.copy_(self._chunks(flat)[self.rank])
-        else:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-            shard.copy_(self._chunks(flat)[self.rank])
-        shard.div_(self.world_size)
+        self.start_reduce(flat, shard, scatter=True).wait()
 
-    def all_gather_(self, flat: Tensor) -> None:
-        """Collective: every rank's chunk of ``flat`` reaches every rank, in place."""
+    def start_all_gather(self, flat: Tensor) -> Pending:
+        """Collective, asynchronous where the mode allows: every rank's chunk of ``flat``
+        reaches every rank, in place."""
         if not self.active:
-            return
+            return Pending([], lambda: None)
         chunks = self._chunks(flat)
         if self.mode == "native":
             own = chunks[self.rank].clone()
             # torch 2.13 renamed all_gather_into_tensor; older releases have only that name.
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            gather(flat, own, group=self.group)
-        elif self.mode == "ring":
+            return Pending([gather(flat, own, group=self.group, async_op=True)], lambda: None)
+        if self.mode == "ring":
             self._ring_all_gather_(chunks)
-        else:
-            for owner, chunk in enumerate(chunks):
-                dist.broadcast(chunk, src=self._global[owner], group=self.group)
+            return Pending([], lambda: None)
+        works = [
+            dist.broadcast(chunk, src=self._global[owner], group=self.group, async_op=True)
+            for owner, chunk in enumerate(chunks)
+        ]
+        return Pending(works, lambda: None)
+
+    def all_gather_(self, flat: Tensor) -> None:
+        """Collective: every rank's chunk of ``flat`` reaches every rank, in place."""
+        self.start_all_gather(flat).wait()
 
     def all_reduce_sum_(self, tensor: Tensor) -> None:
         """Collective: sum a (small) tensor over the ranks, in place."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -170,6 +171,11 @@ class ShardedAdam(torch.optim.Optimizer):
         self._buffer_groups: list[int] = []
         self._micro_steps = 0
         self._sync_enabled = True
+        # Note [reduction during backward]: per buffer, the parameters whose gradient a hook
+        # has put into the flat buffer this step, and the reduction in flight once all have.
+        self._fired: list[set[int]] = []
+        self._reductions: list[comm.Pending | None] = []
+        self._next_reduction = 0
         self._has_names = False
         self._weight_decay_excluded: set[int] = set()
         self._weight_decay_patterns: list[str] = []
@@ -276,6 +282,15 @@ class ShardedAdam(torch.optim.Optimizer):
             self.shard_states.append(self._new_shard_state(buffer, group))
             self._decay_masks.append(None)
             self._bind_param_state(len(self.buffers) - 1)
+            self._fired.append(set())
+            self._reductions.append(None)
+            if self.comm.active:
+                b = len(self.buffers) - 1
+                for index, p in enumerate(buffer.params):
+                    if p.requires_grad:
+                        p.register_post_accumulate_grad_hook(
+                            functools.partial(self._on_grad_ready, b, index)
+                        )
 
     def _buckets(self, named: list[tuple[str, Tensor]]) -> list[list[tuple[str, Tensor]]]:
         """Split one dtype's parameters into buffers of about ``bucket_cap_mb`` each.
@@ -476,13 +491,16 @@ class ShardedAdam(torch.optim.Optimizer):
         starts_cycle = not steps or self._micro_steps % steps == 0
         is_update = not steps or (self._micro_steps + 1) % steps == 0
         present = self._local_present_grads()
-        if is_update:
-            present = self._agree_on_present_grads(present)
-        if not any(present):
-            raise ValueError("No gradients provided for any variable.")
-        # Every hyperparameter is read and checked before any state changes (the gradient
-        # accumulators included), so that a bad value raises with everything as it was.
-        scalars = self._update_scalars() if is_update else None
+        if not self.comm.active or not is_update:
+            # No collective follows (or none may be skipped): refuse early, changing nothing.
+            self._check_some_grads(present)
+        try:
+            # Every hyperparameter is read and checked before any state changes (gradient
+            # accumulators included), so that a bad value raises with everything as it was.
+            scalars = self._update_scalars() if is_update else None
+        except Exception:
+            self._finish_reductions()  # those the hooks started, the same on every rank
+            raise
         self._collect_grads(starts_cycle)
         if scalars is None:
             # Note [accumulation without communication]
@@ -490,7 +508,11 @@ class ShardedAdam(torch.optim.Optimizer):
                 self._gather_params()
             self._micro_steps += 1
             return loss
+        # Every rank starts its remaining reductions, then agrees on the present gradients:
+        # the same collectives in the same order everywhere (Note [reduction during backward]).
         self._reduce_grads()
+        present = self._agree_on_present_grads(present)
+        self._check_some_grads(present)
         grad_masks = self._prepare_shard_grads(present, steps)
         grad_scale, local_sq = self._clip_grads()
         kernel_sq = self._update_shards(scalars, grad_masks, grad_scale)
@@ -502,13 +524,78 @@ class ShardedAdam(torch.optim.Optimizer):
         self._micro_steps += 1
         return loss
 
+    @staticmethod
+    def _check_some_grads(present: list[list[int]]) -> None:
+        if not any(present):
+            raise ValueError("No gradients provided for any variable.")
+
+    def _on_grad_ready(self, b: int, index: int, param: Tensor) -> None:
+        """Post-accumulate-grad hook (across ranks): stage a gradient, start reductions.
+
+        Note [reduction during backward]: once every parameter of a buffer has its gradient,
+        the buffer's reduction starts while backward goes on. Buffers start in their fixed
+        order, so every rank issues the same collectives in the same order; buffers still
+        waiting at step() (a parameter without a gradient, gradients set by hand) start there.
+        At stage 2 the staged gradient is released (p.grad becomes None): a rank keeps only
+        reduced shards.
+        """
+        steps = self.options.gradient_accumulation_steps
+        is_update = not steps or (self._micro_steps + 1) % steps == 0
+        if not self._sync_enabled or not is_update:
+            return  # accumulate: gradients stay in p.grad until step()
+        buffer, fired = self.buffers[b], self._fired[b]
+        if index in fired or self._reductions[b] is not None:
+            raise RuntimeError(
+                f"rank {self.rank}/{self.world_size}: parameter "
+                f"'{buffer.layout.params[index].name}' received a second gradient before "
+                "step(); run all but the last backward of a step inside opt.no_sync()"
+            )
+        buffer.allocate_full_grad()
+        view = buffer.grad_views[index]
+        if not steps or self._micro_steps % steps == 0:
+            view.copy_(param.grad)
+        else:
+            view.add_(param.grad)
+        fired.add(index)
+        if self.sharding.stage == 2:
+            param.grad = None
+        self._start_ready_reductions()
+
+    def _start_ready_reductions(self) -> None:
+        while self._next_reduction < len(self.buffers):
+            b = self._next_reduction
+            buffer = self.buffers[b]
+            waiting = [
+                p
+                for i, p in enumerate(buffer.params)
+                if p.requires_grad and i not in self._fired[b]
+            ]
+            if waiting:
+                return
+            steps = self.options.gradient_accumulation_steps
+            if not steps or self._micro_steps % steps == 0:
+                # Scratch from the last update: padding, and frozen parameters' gradients.
+                stale = [v for i, v in enumerate(buffer.grad_views) if i not in self._fired[b]]
+                if stale or buffer.grad_padding_views:
+                    torch._foreach_zero_(stale + buffer.grad_padding_views)
+            self._start_reduction(b)
+
+    def _start_reduction(self, b: int) -> None:
+        buffer = self.buffers[b]
+        self._reductions[b] = self.comm.start_reduce(
+            buffer.flat_grad, buffer.shard_grad, scatter=self.sharding.stage == 2
+        )
+        self._next_reduction = b + 1
+
     def _local_present_grads(self) -> list[list[int]]:
         """Per buffer, the parameters that hold a gradient on this rank."""
         present = []
-        for buffer in self.buffers:
+        for buffer, fired in zip(self.buffers, self._fired):
             have = []
             for index, p in enumerate(buffer.params):
                 if p.grad is None:
+                    if index in fired:
+                        have.append(index)
                     continue
                 if p.grad.is_sparse:
                     raise ValueError(
@@ -526,9 +613,13 @@ class ShardedAdam(torch.optim.Optimizer):
         gradient buffer is the accumulator: micro-steps add this rank's gradients to it with
         no communication, and the boundary step reduces the sum once.
         """
-        for buffer in self.buffers:
+        for buffer, fired, reduction in zip(self.buffers, self._fired, self._reductions):
+            if reduction is not None:
+                continue  # staged by the hooks and already reducing
             buffer.allocate_full_grad()
-            with_grad = [i for i, p in enumerate(buffer.params) if p.grad is not None]
+            with_grad = [
+                i for i, p in enumerate(buffer.params) if p.grad is not None and i not in fired
+            ]
             views = [buffer.grad_views[i] for i in with_grad]
             grads = [buffer.params[i].grad for i in with_grad]
             if not starts_cycle:
@@ -537,7 +628,7 @@ class ShardedAdam(torch.optim.Optimizer):
                 continue
             if views:
                 torch._foreach_copy_(views, grads)
-            copied = set(with_grad)
+            copied = set(with_grad) | fired
             missing = [buffer.grad_views[i] for i in range(len(buffer.params)) if i not in copied]
             # The update may have used the buffer as scratch: padding is re-zeroed too.
             if missing or buffer.grad_padding_views:
@@ -547,12 +638,26 @@ class ShardedAdam(torch.optim.Optimizer):
         """Collective: average gradients over ranks; stage 2 keeps only this rank's shard."""
         if not self.comm.active:
             return
-        for buffer in self.buffers:
-            if self.sharding.stage == 1:
-                self.comm.all_reduce_mean_(buffer.flat_grad)
-            else:
-                self.comm.reduce_scatter_mean_(buffer.flat_grad, buffer.shard_grad)
+        for b in range(self._next_reduction, len(self.buffers)):
+            self._start_reduction(b)
+        self._finish_reductions()
+
+    def _finish_reductions(self) -> None:
+        """Wait for the reductions in flight; the next step starts with none."""
+        for buffer, reduction, fired in zip(self.buffers, self._reductions, self._fired):
+            if reduction is not None:
+                reduction.wait()
+            if self.sharding.stage == 2 and (reduction is not None or fired):
                 buffer.release_full_grad()
+        self._reductions = [None] * len(self.buffers)
+        self._fired = [set() for _ in self.buffers]
+        self._next_reduction = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad; gradients already staged or reducing for this step are dropped."""
+        super().zero_grad(set_to_none)
+        if any(r is not None for r in self._reductions) or any(self._fired):
+            self._finish_reductions()
 
     def _prepare_shard_grads(
         self, present: list[list[int]], steps: int | None
@@ -756,8 +861,9 @@ class ShardedAdam(torch.optim.Optimizer):
         return ema_overwrite
 
     def _gather_params(self) -> None:
-        for buffer in self.buffers:
-            self.comm.all_gather_(buffer.flat_param)
+        """Collective: every rank's updated shards reach every rank (all buckets in flight)."""
+        for pending in [self.comm.start_all_gather(b.flat_param) for b in self.buffers]:
+            pending.wait()
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds, by kind.

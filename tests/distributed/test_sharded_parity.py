@@ -12,6 +12,7 @@ import functools
 import pytest
 import torch
 
+from tests.distributed.backward_cases import BACKWARD_CASES, train_reference, train_sharded
 from tests.distributed.spawn import run_ranks
 from tests.reference import (
     Case,
@@ -216,6 +217,7 @@ def run_everything(rank: int, world_size: int) -> dict:
     results = {name: train_case(rank, spec) for name, spec in CASES.items()}
     results["counts"] = {key: count_one_step(rank, *key) for key in COUNTED}
     results["mismatch"] = mismatched_model(rank, world_size) if world_size > 1 else None
+    results["backward"] = {name: train_sharded(rank, spec) for name, spec in BACKWARD_CASES.items()}
     return results
 
 
@@ -324,3 +326,31 @@ def test_mismatched_models_raise_on_every_rank(world_size):
         assert "parameter 'b' has shape (5, 4)" in message
         assert f"on rank {world_size - 1} but rank 0 has 'b' with shape (4, 5)" in message
         assert "every rank must pass the same parameters in the same order" in message
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_training_through_backward_hooks_equals_one_process(world_size):
+    for name, spec in BACKWARD_CASES.items():
+        reference = train_reference(world_size, spec)
+        for rank, results in enumerate(results_at(world_size)):
+            got = results["backward"][name]
+            for param_name, value in reference.items():
+                torch.testing.assert_close(
+                    got["params"][param_name],
+                    value,
+                    rtol=1e-5,
+                    atol=1e-6,
+                    msg=lambda m, label=f"W={world_size} rank {rank} {name} {param_name}": (
+                        f"{label}: {m}"
+                    ),
+                )
+            if world_size > 1 and spec["sharding"]["stage"] == 2:
+                # Stage 2 consumes gradients during backward (on update steps) and keeps
+                # no full gradient buffer after the reduction.
+                accumulating = "kwargs" in spec
+                assert got["grads_after_backward"] == [
+                    accumulating and s % 2 == 0 for s in range(8)
+                ]
+                assert got["full_grad_bytes"] == 0
+            if world_size > 1 and "kwargs" not in spec:
+                assert "received a second gradient before step()" in got["second_backward_error"]
