@@ -73,6 +73,7 @@ class Communicator:
         self.group = group
         self.rank, self.world_size = rank_and_world_size(group)
         self.mode = resolve_mode(mode, group)
+        self._receive: Tensor | None = None
         if self.world_size > 1:
             self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
 
@@ -104,8 +105,8 @@ class Communicator:
             )
             return Pending([work], lambda: shard.div_(self.world_size))
         if self.mode == "ring":
-            self._ring_reduce_scatter_(flat)
-            shard.copy_(self._chunks(flat)[self.rank]).div_(self.world_size)
+            self._ring_reduce_scatter_(flat, shard)
+            shard.div_(self.world_size)
             return Pending([], lambda: None)
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         return Pending(
@@ -176,15 +177,30 @@ class Communicator:
         for request in requests:
             request.wait()
 
-    def _ring_reduce_scatter_(self, flat: Tensor) -> None:
+    def _ring_reduce_scatter_(self, flat: Tensor, shard: Tensor) -> None:
         # At step s rank r passes on its partial sum of chunk r-s-1 and adds the one of chunk
-        # r-s-2 from the left; after W-1 steps chunk r holds the sum over all ranks.
+        # r-s-2 from the left; after W-1 steps chunk r holds the sum over all ranks. The last
+        # addition writes straight into ``shard``.
         chunks = self._chunks(flat)
-        incoming = torch.empty_like(chunks[0])
+        incoming = self._receive_buffer(chunks[0])
         w, r = self.world_size, self.rank
         for s in range(w - 1):
             self._exchange(chunks[(r - s - 1) % w], incoming)
-            chunks[(r - s - 2) % w].add_(incoming)
+            target = (r - s - 2) % w
+            if s == w - 2:
+                torch.add(chunks[target], incoming, out=shard)
+            else:
+                chunks[target].add_(incoming)
+
+    def _receive_buffer(self, like: Tensor) -> Tensor:
+        # Reused across calls: a fresh buffer of this size costs page faults every time.
+        if (
+            self._receive is None
+            or self._receive.shape != like.shape
+            or (self._receive.dtype != like.dtype or self._receive.device != like.device)
+        ):
+            self._receive = torch.empty_like(like)
+        return self._receive
 
     def _ring_all_gather_(self, chunks: list[Tensor]) -> None:
         # At step s rank r passes on chunk r-s and receives chunk r-s-1 in place.

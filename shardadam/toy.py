@@ -1,4 +1,6 @@
-"""A small training run with ShardedAdam: ``python -m shardadam.toy``.
+"""A small training run with ShardedAdam: ``python -m shardadam.toy``, or across ranks
+``torchrun --standalone --nproc_per_node=2 -m shardadam.toy`` (each rank draws its own batches;
+the optimizer averages their gradients and shards its state).
 
 Fits a two-layer MLP to a fixed random teacher network on synthetic data, with a cosine
 schedule with warmup, decoupled weight decay excluded from biases, global-norm clipping and an
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from . import ShardedAdam, schedules
+from .bootstrap import DistributedContext, distributed_from_env
 
 
 def make_data(seed: int, n_train: int = 2048, n_test: int = 512, dim: int = 16):
@@ -38,10 +41,21 @@ def main(argv: list[str] | None = None) -> float:
         "--no-jit", action="store_true", help="run the update eagerly (jit_compile=False)"
     )
     args = parser.parse_args(argv)
+    with distributed_from_env() as ctx:
+        return train(args, ctx)
 
-    torch.manual_seed(args.seed)
+
+def train(args: argparse.Namespace, ctx: DistributedContext) -> float:
+    """Train; returns the held-out loss of the EMA weights."""
+
+    def say(text: str) -> None:
+        if ctx.is_main:
+            print(text, flush=True)
+
+    torch.manual_seed(args.seed)  # the same initial model on every rank
     (x, y), (x_test, y_test) = make_data(args.seed)
-    model = nn.Sequential(nn.Linear(x.shape[1], 64), nn.GELU(), nn.Linear(64, 1))
+    x, y, x_test, y_test = (t.to(ctx.device) for t in (x, y, x_test, y_test))
+    model = nn.Sequential(nn.Linear(x.shape[1], 64), nn.GELU(), nn.Linear(64, 1)).to(ctx.device)
     schedule = schedules.CosineDecay(
         0.0,
         decay_steps=args.steps - args.steps // 10,
@@ -59,29 +73,30 @@ def main(argv: list[str] | None = None) -> float:
         jit_compile=not args.no_jit,
     )
     opt.exclude_from_weight_decay(var_names=["bias"])
+    batches = torch.Generator().manual_seed(args.seed + 1 + ctx.rank)  # each rank its own data
 
     def test_loss() -> float:
         with torch.no_grad():
             return nn.functional.mse_loss(model(x_test), y_test).item()
 
-    first_test_loss = test_loss()
-    print(f"held-out loss before training: {first_test_loss:.4f}")
+    say(f"ranks: {ctx.world_size}; held-out loss before training: {test_loss():.4f}")
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        idx = torch.randint(0, x.shape[0], (args.batch_size,))
+        idx = torch.randint(0, x.shape[0], (args.batch_size,), generator=batches).to(ctx.device)
         loss = nn.functional.mse_loss(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step == 1 or step % 50 == 0 or step == args.steps:
-            print(
+            say(
                 f"step {step:4d}  loss {loss.item():.4f}  lr {opt.param_groups[0]['lr']:.5f}  "
                 f"grad norm {opt.last_grad_norm.item():.3f}  "
                 f"{time.perf_counter() - start:.1f}s"
             )
     with opt.swap_moving_averages():
         ema_test_loss = test_loss()
-    print(f"held-out loss after training: {test_loss():.4f} (EMA weights: {ema_test_loss:.4f})")
+    say(f"held-out loss after training: {test_loss():.4f} (EMA weights: {ema_test_loss:.4f})")
+    say(f"optimizer state on each rank: {opt.memory_report()['optimizer_state']:,} bytes")
     return ema_test_loss
 
 
