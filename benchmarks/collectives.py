@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from shardadam.comm import Communicator
 
-MODES = ("native", "ring", "all_reduce")
+MODES = ("native", "ring", "pairwise", "all_reduce")
 
 
 def worker(rank: int, args: argparse.Namespace, store_path: str) -> None:

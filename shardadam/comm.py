@@ -8,9 +8,12 @@ Note [collectives per backend]
     ``reduce_scatter_tensor`` took 242 ms and ``all_gather_into_tensor`` 188 ms, where a ring of
     ``isend``/``irecv`` did them in 127 ms and 75 ms (``all_reduce`` 144 ms, one ``broadcast``
     per owner 85 ms). On NCCL the native reduce-scatter and all-gather are the optimum. So
-    ``comm="auto"`` picks "ring" on gloo and "native" elsewhere; every mode gives the same sums.
+    ``comm="auto"`` picks "pairwise" on gloo (as fast as the ring and asynchronous, so it
+    overlaps backward) and "native" elsewhere; every mode gives the same sums.
       native:     reduce_scatter_tensor / all_gather_into_tensor
       ring:       W - 1 neighbour exchanges of one chunk each, for both directions
+      pairwise:   every rank sends each peer its chunk directly, all posted at once, so the
+                  exchange runs asynchronously like a native collective
       all_reduce: all_reduce for gradients, one broadcast per owning rank for parameters
 """
 
@@ -22,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_AUTO_BY_BACKEND = {"gloo": "ring", "nccl": "native"}
+_AUTO_BY_BACKEND = {"gloo": "pairwise", "nccl": "native"}
 
 
 def default_group(process_group: object | None) -> object | None:
@@ -74,6 +77,7 @@ class Communicator:
         self.rank, self.world_size = rank_and_world_size(group)
         self.mode = resolve_mode(mode, group)
         self._receive: Tensor | None = None
+        self._receive_pool: dict[tuple, list[Tensor]] = {}
         if self.world_size > 1:
             self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
 
@@ -108,6 +112,8 @@ class Communicator:
             self._ring_reduce_scatter_(flat, shard)
             shard.div_(self.world_size)
             return Pending([], lambda: None)
+        if self.mode == "pairwise":
+            return self._start_pairwise_reduce_scatter(flat, shard)
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         return Pending(
             [work], lambda: shard.copy_(self._chunks(flat)[self.rank]).div_(self.world_size)
@@ -138,6 +144,15 @@ class Communicator:
         if self.mode == "ring":
             self._ring_all_gather_(chunks)
             return Pending([], lambda: None)
+        if self.mode == "pairwise":
+            works = []
+            for peer in range(self.world_size):
+                if peer != self.rank:
+                    works.append(
+                        dist.isend(chunks[self.rank], self._global[peer], group=self.group)
+                    )
+                    works.append(dist.irecv(chunks[peer], self._global[peer], group=self.group))
+            return Pending(works, lambda: None)
         works = [
             dist.broadcast(chunk, src=self._global[owner], group=self.group, async_op=True)
             for owner, chunk in enumerate(chunks)
@@ -176,6 +191,31 @@ class Communicator:
         ]
         for request in requests:
             request.wait()
+
+    def _start_pairwise_reduce_scatter(self, flat: Tensor, shard: Tensor) -> Pending:
+        # Each peer's chunk goes straight to it; our chunk's partial sums arrive from every
+        # peer into buffers of their own, and are added once all have arrived.
+        chunks = self._chunks(flat)
+        shape = (self.world_size - 1, chunks[0].numel())
+        key = (shape, flat.dtype, flat.device)
+        free = self._receive_pool.setdefault(key, [])
+        # Buffers come back to the pool when their reduction finishes: fresh ones would cost
+        # page faults on every call.
+        received = free.pop() if free else torch.empty(shape, dtype=flat.dtype, device=flat.device)
+        peers = [p for p in range(self.world_size) if p != self.rank]
+        works = []
+        for peer, into in zip(peers, received.unbind(0)):
+            works.append(dist.isend(chunks[peer], self._global[peer], group=self.group))
+            works.append(dist.irecv(into, self._global[peer], group=self.group))
+
+        def finish() -> None:
+            torch.add(chunks[self.rank], received[0], out=shard)
+            for partial in received[1:]:
+                shard.add_(partial)
+            shard.div_(self.world_size)
+            free.append(received)
+
+        return Pending(works, finish)
 
     def _ring_reduce_scatter_(self, flat: Tensor, shard: Tensor) -> None:
         # At step s rank r passes on its partial sum of chunk r-s-1 and adds the one of chunk

@@ -47,7 +47,7 @@ OPTIMIZER_WIDE = {
 }
 
 STAGES = (1, 2)
-COMM_MODES = ("auto", "native", "ring", "all_reduce")
+COMM_MODES = ("auto", "native", "ring", "pairwise", "all_reduce")
 
 
 def _is_tensor(value: Any) -> bool:
@@ -250,7 +250,7 @@ class ShardingOptions:
     bucket_cap_mb: float = 25.0
     """Size of the gradient buckets reduced while backward runs, in MiB."""
     comm: str = "auto"
-    """Collectives to use: auto (per backend), native, ring (point-to-point) or all_reduce."""
+    """Collectives: auto (per backend), native, ring or pairwise (point-to-point), all_reduce."""
     align_numel: int = 16
     """Each parameter starts at a multiple of this many elements in its flat buffer."""
 

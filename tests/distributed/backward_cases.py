@@ -6,6 +6,7 @@ import torch
 
 BACKWARD_CASES = {
     "stage2+native": {"sharding": {"stage": 2, "comm": "native"}},
+    "stage2+pairwise": {"sharding": {"stage": 2, "comm": "pairwise"}},
     "stage1+ring": {"sharding": {"stage": 1, "comm": "ring"}},
     "stage2+all_reduce+no_sync": {"sharding": {"stage": 2, "comm": "all_reduce"}, "no_sync": 3},
     "stage2+ring+accumulation": {

@@ -59,6 +59,10 @@ CASES = {
         kwargs={"learning_rate": "exponential", "weight_decay": 0.2},
         sharding={"stage": 2, "comm": "all_reduce"},
     ),
+    "polynomial+amsgrad+pairwise": dict(
+        kwargs={"learning_rate": "polynomial", "amsgrad": True},
+        sharding={"stage": 2, "comm": "pairwise", "bucket_cap_mb": TINY_BUCKETS},
+    ),
     "defaults+stage1+ring": dict(
         kwargs={"learning_rate": 0.05},
         sharding={"stage": 1, "comm": "ring", "bucket_cap_mb": TINY_BUCKETS},
@@ -69,7 +73,9 @@ CASES = {
         dtype=torch.bfloat16,
     ),
 }
-COUNTED = [(stage, mode) for stage in (1, 2) for mode in ("native", "ring", "all_reduce")]
+COUNTED = [
+    (stage, mode) for stage in (1, 2) for mode in ("native", "ring", "pairwise", "all_reduce")
+]
 
 
 def rank_case(rank: int, dtype: torch.dtype = torch.float32) -> Case:
@@ -301,13 +307,13 @@ def test_each_element_crosses_the_wire_once_in_the_pattern_of_the_setting(world_
                 expected += [("all_reduce", n) for n in buckets]
             elif mode == "native":
                 expected += [("reduce_scatter_tensor", n) for n in buckets]
-            elif mode == "ring":
+            elif mode in ("ring", "pairwise"):
                 expected += [("isend", c) for c in chunks] + [("irecv", c) for c in chunks]
             else:
                 expected += [("all_reduce", n) for n in buckets]
             if mode == "native":
                 expected += [(gather, n) for n in buckets]
-            elif mode == "ring":
+            elif mode in ("ring", "pairwise"):
                 expected += [("isend", c) for c in chunks] + [("irecv", c) for c in chunks]
             else:
                 expected += [

@@ -88,7 +88,8 @@ def params(n: int = 2):
         (
             {"comm": "mpi"},
             ValueError,
-            r"Invalid comm: 'mpi' \(expected one of \('auto', 'native', 'ring', 'all_reduce'\)\)",
+            r"Invalid comm: 'mpi' \(expected one of "
+            r"\('auto', 'native', 'ring', 'pairwise', 'all_reduce'\)\)",
         ),
         ({"momentum": 0.9}, ValueError, r"Argument\(s\) not recognized: \['momentum'\]"),
     ],
