@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -95,11 +96,13 @@ class ShardedAdam(torch.optim.Optimizer):
     ``p -= lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v)+epsilon)`` (AMSGrad: v replaced by its
     running max); then the EMA ``avg = m*avg + (1-m)*p`` (``avg = p`` at the first step).
 
-    Communication: parameters of one (param group, dtype, device) live in a flat buffer split
-    into ``world_size`` equal shards; rank r keeps the state of shard r only. At ``step()``
-    gradients are averaged over ranks, norms for clipping are summed over ranks, each rank
-    updates its shard, and the shards are all-gathered back. Without an initialised process
-    group the collectives are no-ops and the same code runs in one process.
+    Communication: parameters of one (param group, dtype) live in flat buffers (buckets of
+    about ``bucket_cap_mb`` across ranks), each split into ``world_size`` equal shards; rank r
+    keeps the state of shard r only. During backward, hooks stage gradients and start each
+    bucket's reduction (stage 2: reduce-scatter; stage 1: all-reduce) once it is complete; at
+    ``step()`` the rest start, clipping norms are summed over ranks with small all-reduces,
+    each rank updates its shards, and the shards are all-gathered back. Without an initialised
+    process group the collectives are no-ops and the same code runs in one process.
 
     State dict: torch's format: ``state`` maps each parameter's index to
     ``{"<name>/momentum", "<name>/velocity", ...}`` tensors shaped like the parameter (a 1-D
@@ -286,10 +289,12 @@ class ShardedAdam(torch.optim.Optimizer):
             self._reductions.append(None)
             if self.comm.active:
                 b = len(self.buffers) - 1
+                # The hook holds the optimizer weakly: a discarded optimizer neither stays
+                # alive through its parameters nor keeps taking their gradients.
                 for index, p in enumerate(buffer.params):
                     if p.requires_grad:
                         p.register_post_accumulate_grad_hook(
-                            functools.partial(self._on_grad_ready, b, index)
+                            functools.partial(_grad_ready_hook, weakref.ref(self), b, index)
                         )
 
     def _buckets(self, named: list[tuple[str, Tensor]]) -> list[list[tuple[str, Tensor]]]:
@@ -1076,6 +1081,12 @@ class ShardedAdam(torch.optim.Optimizer):
                     f"'{saved_name}/{ACCUMULATOR}' for parameter '{name}'"
                 )
             buffer.grad_views[index].copy_(source)
+
+
+def _grad_ready_hook(optimizer_ref: weakref.ref, b: int, index: int, param: Tensor) -> None:
+    optimizer = optimizer_ref()
+    if optimizer is not None:
+        optimizer._on_grad_ready(b, index, param)
 
 
 def _owned_piece(

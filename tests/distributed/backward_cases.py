@@ -77,10 +77,28 @@ def train_sharded(rank: int, spec: dict) -> dict:
     except RuntimeError as error:
         second_backward_error = str(error)
     opt.zero_grad()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    full_grad_bytes = opt.memory_report()["full_grad_buffers"]
+
+    # A fine-tuning script adds a group on every rank; an optimizer made anew over the same
+    # model takes over its gradients from the discarded one.
+    extra = torch.nn.Parameter(torch.ones(5))
+    opt.add_param_group({"params": [("extra", extra)], "learning_rate": 0.5})
+    (loss_of(model, rank, 2) + (extra * extra).sum()).backward()
+    opt.step()
+    opt.zero_grad()
+    extra_after_step = extra.detach().clone()
+    del opt
+    fresh = ShardedAdam(model.named_parameters(), jit_compile=False, **spec["sharding"])
+    before = model.head.weight.detach().clone()
+    loss_of(model, rank, 3).backward()
+    fresh.step()
     return {
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "params": params,
+        "extra_after_step": extra_after_step,
+        "fresh_optimizer_moved": not torch.equal(before, model.head.weight.detach()),
         "grads_after_backward": grads_after_backward,
-        "full_grad_bytes": opt.memory_report()["full_grad_buffers"],
+        "full_grad_bytes": full_grad_bytes,
         "second_backward_error": second_backward_error,
     }
 

@@ -360,3 +360,13 @@ def test_training_through_backward_hooks_equals_one_process(world_size):
                 assert got["full_grad_bytes"] == 0
             if world_size > 1 and "kwargs" not in spec:
                 assert "received a second gradient before step()" in got["second_backward_error"]
+            if "kwargs" not in spec:  # (with accumulation that step only accumulates)
+                # The added group's first update, at the optimizer's step t = 9: decay, then
+                # m / sqrt(v) = (1 - b1) / sqrt(1 - b2) for a gradient of one sign.
+                t, lr = 9, 0.5
+                alpha = lr * (1 - 0.999**t) ** 0.5 / (1 - 0.9**t)
+                expected = (1 - 0.1 * lr) - alpha * 0.1 / 0.001**0.5
+                torch.testing.assert_close(
+                    got["extra_after_step"], torch.full((5,), expected), rtol=0, atol=1e-4
+                )
+                assert got["fresh_optimizer_moved"]
