@@ -12,11 +12,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn: Callable, args: tuple):
+def _worker(
+    rank: int, world_size: int, store_path: str, out_dir: str, backend: str, fn: Callable, args
+):
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group(
-        "gloo",
+        backend,
         store=store,
         rank=rank,
         world_size=world_size,
@@ -30,11 +34,11 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn: Calla
         dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn: Callable, *args) -> list:
+def run_ranks(world_size: int, fn: Callable, *args, backend: str = "gloo") -> list:
     """``fn(rank, world_size, *args)`` on each rank; returns the per-rank results in rank order."""
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
-        mp.spawn(_worker, args=(world_size, store_path, tmp, fn, args), nprocs=world_size)
+        mp.spawn(_worker, args=(world_size, store_path, tmp, backend, fn, args), nprocs=world_size)
         return [
             torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
             for r in range(world_size)
