@@ -221,6 +221,8 @@ class ShardedAdam(torch.optim.Optimizer):
         )
         self._has_names = "param_names" in group
         self._build_buffers(len(self.param_groups) - 1)
+        if self._weight_decay_excluded or self._weight_decay_patterns:
+            self._rebuild_decay_masks()  # the patterns apply to the new parameters too
 
     def _check_params(self, params: list[Any], where: str) -> None:
         if not params:
@@ -451,14 +453,21 @@ class ShardedAdam(torch.optim.Optimizer):
                     "the optimizer from model.named_parameters()"
                 )
             try:
-                pattern = re.compile("|".join(patterns))
+                re.compile("|".join(patterns))  # matched later, against every parameter
             except re.error as error:
                 raise ValueError(f"Invalid var_names: {patterns} ({error})") from error
-            names = [n for g in self.param_groups for n in g["param_names"]]
-            excluded.update(i for i, n in enumerate(names) if pattern.search(n))
         self._weight_decay_excluded = excluded
         self._weight_decay_patterns = patterns
         self._rebuild_decay_masks()
+
+    def _excluded_from_weight_decay(self) -> set[int]:
+        """Indices (in optimizer order) of the parameters weight decay skips."""
+        excluded = set(self._weight_decay_excluded)
+        if self._weight_decay_patterns:
+            pattern = re.compile("|".join(self._weight_decay_patterns))
+            names = [n for g in self.param_groups for n in g["param_names"]]
+            excluded.update(i for i, n in enumerate(names) if pattern.search(n))
+        return excluded
 
     def _global_param_indices(self, buffer_index: int) -> list[int]:
         """Index in optimizer order (over all groups) of each parameter of a buffer."""
@@ -468,12 +477,13 @@ class ShardedAdam(torch.optim.Optimizer):
         return [index_of[id(p)] for p in self.buffers[buffer_index].params]
 
     def _rebuild_decay_masks(self) -> None:
+        excluded = self._excluded_from_weight_decay()
         for b, buffer in enumerate(self.buffers):
             global_indices = self._global_param_indices(b)
             decayed = [
                 span.index
                 for span, gi in zip(buffer.layout.params, global_indices)
-                if gi not in self._weight_decay_excluded
+                if gi not in excluded
             ]
             all_decayed = len(decayed) == len(buffer.params)
             self._decay_masks[b] = None if all_decayed else buffer.shard_mask(decayed)

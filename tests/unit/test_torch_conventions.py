@@ -292,3 +292,16 @@ def test_loading_keeps_the_callers_learning_rate_tensor():
     saved = ShardedAdam([torch.nn.Parameter(torch.randn(3))], learning_rate=0.02).state_dict()
     opt.load_state_dict(saved)
     assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.02)
+
+
+def test_weight_decay_name_patterns_apply_to_groups_added_later():
+    first = torch.nn.Parameter(torch.ones(2))
+    opt = ShardedAdam([("a.weight", first)], learning_rate=0.1, weight_decay=0.5, jit_compile=False)
+    opt.exclude_from_weight_decay(var_names=["bias$"])
+    late_weight, late_bias = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt.add_param_group({"params": [("late.weight", late_weight), ("late.bias", late_bias)]})
+    for p in (first, late_weight, late_bias):
+        p.grad = torch.zeros_like(p)  # a zero gradient: only the decay moves a parameter
+    opt.step()
+    assert torch.allclose(late_weight.detach(), torch.full((3,), 1 - 0.5 * 0.1))
+    assert torch.equal(late_bias.detach(), torch.ones(3))
