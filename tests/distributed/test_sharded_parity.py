@@ -219,10 +219,50 @@ def mismatched_model(rank: int, world_size: int) -> str:
     return "no error"
 
 
+def resume_case(rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(uninterrupted, resumed from a state_dict taken mid-accumulation) parameters."""
+    import copy
+
+    from shardadam import ShardedAdam
+
+    base = initial_case()
+    kwargs = dict(
+        learning_rate=0.05,
+        amsgrad=True,
+        use_ema=True,
+        ema_overwrite_frequency=3,
+        gradient_accumulation_steps=3,
+        jit_compile=False,
+        stage=2,
+        bucket_cap_mb=TINY_BUCKETS,
+    )
+    grads = rank_case(rank).grads
+
+    def run(params, opt, rows):
+        for row in rows:
+            for p, g in zip(params, row):
+                p.grad = None if g is None else g.clone()
+            opt.step()
+            opt.zero_grad()
+
+    params = [torch.nn.Parameter(x.clone()) for x in base.init]
+    opt = ShardedAdam(list(zip(base.names, params)), **kwargs)
+    run(params, opt, grads[:11])
+    saved_params = [p.detach().clone() for p in params]
+    saved = copy.deepcopy(opt.state_dict())
+    run(params, opt, grads[11:20])
+    resumed = [torch.nn.Parameter(x) for x in saved_params]
+    opt2 = ShardedAdam(list(zip(base.names, resumed)), **kwargs)
+    opt2.load_state_dict(saved)
+    run(resumed, opt2, grads[11:20])
+    return [p.detach() for p in params], [p.detach() for p in resumed]
+
+
 def run_everything(rank: int, world_size: int) -> dict:
     results = {name: train_case(rank, spec) for name, spec in CASES.items()}
     results["counts"] = {key: count_one_step(rank, *key) for key in COUNTED}
     results["mismatch"] = mismatched_model(rank, world_size) if world_size > 1 else None
+    results["resume"] = resume_case(rank)
     results["backward"] = {name: train_sharded(rank, spec) for name, spec in BACKWARD_CASES.items()}
     return results
 
@@ -370,3 +410,11 @@ def test_training_through_backward_hooks_equals_one_process(world_size):
                     got["extra_after_step"], torch.full((5,), expected), rtol=0, atol=1e-4
                 )
                 assert got["fresh_optimizer_moved"]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_resuming_from_a_sharded_state_dict_is_bit_identical(world_size):
+    for results in results_at(world_size):
+        uninterrupted, resumed = results["resume"]
+        for a, b in zip(uninterrupted, resumed):
+            assert torch.equal(a, b)
