@@ -82,10 +82,18 @@ def build(impl: str, world_size: int):
 
     model = make_model()
     if impl.startswith("shardadam"):
-        # "shardadam stage N" or "shardadam stage N comm=MODE"
+        # "shardadam stage N", optionally followed by "comm=MODE" and/or "overlap"
         stage = 1 if "stage 1" in impl else 2
-        comm = impl.split("comm=")[1] if "comm=" in impl else "auto"
-        return model, ShardedAdam(model.parameters(), learning_rate=LR, stage=stage, comm=comm)
+        comm = impl.split("comm=")[1].split()[0] if "comm=" in impl else "auto"
+        overlap = "overlap" in impl
+        opt = ShardedAdam(
+            model.parameters(),
+            learning_rate=LR,
+            stage=stage,
+            comm=comm,
+            overlap_param_gather=overlap,
+        )
+        return model, opt
     if impl == "FSDP2 + AdamW":
         from torch.distributed.fsdp import fully_shard
 

@@ -253,6 +253,8 @@ class ShardingOptions:
     """Collectives: auto (per backend), native, ring or pairwise (point-to-point), all_reduce."""
     align_numel: int = 16
     """Each parameter starts at a multiple of this many elements in its flat buffer."""
+    overlap_param_gather: bool = False
+    """Let step() return before the parameters are gathered; modules wait in their forward."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES or isinstance(self.stage, bool):
@@ -261,3 +263,4 @@ class ShardingOptions:
         if self.comm not in COMM_MODES:
             raise ValueError(f"Invalid comm: {self.comm!r} (expected one of {COMM_MODES})")
         check_positive_int(self.align_numel, "align_numel", minimum=1, optional=False)
+        check_bool(self.overlap_param_gather, "overlap_param_gather")

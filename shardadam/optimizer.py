@@ -179,6 +179,10 @@ class ShardedAdam(torch.optim.Optimizer):
         self._fired: list[set[int]] = []
         self._reductions: list[comm.Pending | None] = []
         self._next_reduction = 0
+        # Note [gather during forward]
+        self._param_gathers: list[comm.Pending | None] = []
+        self._forward_hook: Any = None
+        self._buffer_of: dict[int, int] = {}
         self._has_names = False
         self._weight_decay_excluded: set[int] = set()
         self._weight_decay_patterns: list[str] = []
@@ -289,6 +293,7 @@ class ShardedAdam(torch.optim.Optimizer):
             self._bind_param_state(len(self.buffers) - 1)
             self._fired.append(set())
             self._reductions.append(None)
+            self._buffer_of.update((id(p), len(self.buffers) - 1) for p in buffer.params)
             if self.comm.active:
                 b = len(self.buffers) - 1
                 # The hook holds the optimizer weakly: a discarded optimizer neither stays
@@ -497,6 +502,7 @@ class ShardedAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.wait_for_params()  # the update writes the shards the gathers read
         if not self._sync_enabled:
             raise RuntimeError(
                 "step() was called inside opt.no_sync(); accumulate with backward() inside the "
@@ -535,7 +541,7 @@ class ShardedAdam(torch.optim.Optimizer):
             self._record_grad_norm(
                 [k if known is None else known for known, k in zip(local_sq, kernel_sq)]
             )
-        self._gather_params()
+        self._gather_params(overlap=self.sharding.overlap_param_gather)
         self._micro_steps += 1
         return loss
 
@@ -875,10 +881,54 @@ class ShardedAdam(torch.optim.Optimizer):
             )
         return ema_overwrite
 
-    def _gather_params(self) -> None:
-        """Collective: every rank's updated shards reach every rank (all buckets in flight)."""
-        for pending in [self.comm.start_all_gather(b.flat_param) for b in self.buffers]:
-            pending.wait()
+    def _gather_params(self, overlap: bool = False) -> None:
+        """Collective: every rank's updated shards reach every rank (all buckets in flight).
+
+        Note [gather during forward]: with ``overlap`` (overlap_param_gather=True, at the end
+        of step()) the gathers are left in flight; a global module forward pre-hook waits for
+        the buckets of each module's own parameters, so the next forward starts while later
+        layers' parameters are still arriving, and every method of the optimizer that reads
+        parameters waits for all of them first (``wait_for_params``).
+        """
+        self.wait_for_params()
+        pending = [self.comm.start_all_gather(b.flat_param) for b in self.buffers]
+        if not overlap or not self.comm.active:
+            for gather in pending:
+                gather.wait()
+            return
+        self._param_gathers = pending
+        if self._forward_hook is None:
+            self._forward_hook = torch.nn.modules.module.register_module_forward_pre_hook(
+                functools.partial(_forward_pre_hook, weakref.ref(self))
+            )
+
+    def __del__(self) -> None:
+        # Gathers left in flight (overlap_param_gather) would hold the process group's
+        # connections and leave the global forward hook behind.
+        with contextlib.suppress(Exception):  # best effort while being collected
+            self.wait_for_params()
+
+    def wait_for_params(self, params: Iterable[Tensor] | None = None) -> None:
+        """Wait until the parameters (all, or ``params``) hold their gathered values.
+
+        Only needed with overlap_param_gather=True, to read parameters outside a module's
+        forward (a module's forward waits for its own parameters by itself).
+        """
+        if not self._param_gathers:
+            return
+        if params is None:
+            wanted = range(len(self.buffers))
+        else:
+            wanted = {self._buffer_of[id(p)] for p in params if id(p) in self._buffer_of}
+        for b in wanted:
+            if self._param_gathers[b] is not None:
+                self._param_gathers[b].wait()
+                self._param_gathers[b] = None
+        if all(g is None for g in self._param_gathers):
+            self._param_gathers = []
+            if self._forward_hook is not None:
+                self._forward_hook.remove()
+                self._forward_hook = None
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds, by kind.
@@ -913,6 +963,11 @@ class ShardedAdam(torch.optim.Optimizer):
         if not self.options.use_ema:
             raise RuntimeError(f"{what} needs use_ema=True; this optimizer keeps no EMA")
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict (see the class docstring), after any gather in flight."""
+        self.wait_for_params()
+        return super().state_dict()
+
     def _full_ema(self, buffer_index: int) -> Tensor:
         """Collective when sharded: the EMA of a whole buffer, flat and padded."""
         buffer = self.buffers[buffer_index]
@@ -927,6 +982,7 @@ class ShardedAdam(torch.optim.Optimizer):
     def moving_average(self, param: Tensor) -> Tensor:
         """Collective when sharded: the EMA of ``param`` as a new full tensor (compute dtype)."""
         self._require_ema("moving_average()")
+        self.wait_for_params()
         for b, buffer in enumerate(self.buffers):
             for span, p in zip(buffer.layout.params, buffer.params):
                 if p is param:
@@ -942,6 +998,7 @@ class ShardedAdam(torch.optim.Optimizer):
         """
         if not self.options.use_ema:
             return
+        self.wait_for_params()
         wanted = None if var_list is None else {id(p) for p in var_list}
         for buffer, state in zip(self.buffers, self.shard_states):
             chosen = [
@@ -960,6 +1017,7 @@ class ShardedAdam(torch.optim.Optimizer):
     def swap_moving_averages(self) -> Iterator[None]:
         """Collective when sharded: parameters hold their EMA inside the block, then return."""
         self._require_ema("swap_moving_averages()")
+        self.wait_for_params()
         saved = [
             (b.flat_param.clone(), None if s.master is None else s.master.clone())
             for b, s in zip(self.buffers, self.shard_states)
@@ -982,6 +1040,7 @@ class ShardedAdam(torch.optim.Optimizer):
         state_dict saved in one process loads at any world size; one saved sharded loads at
         the same world size (``shardadam.checkpoint`` reshards).
         """
+        self.wait_for_params()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -1091,6 +1150,13 @@ class ShardedAdam(torch.optim.Optimizer):
                     f"'{saved_name}/{ACCUMULATOR}' for parameter '{name}'"
                 )
             buffer.grad_views[index].copy_(source)
+
+
+def _forward_pre_hook(optimizer_ref: weakref.ref, module: torch.nn.Module, args: Any) -> None:
+    # Note [gather during forward]: wait for the buckets of this module's own parameters.
+    optimizer = optimizer_ref()
+    if optimizer is not None and optimizer._param_gathers:
+        optimizer.wait_for_params(module._parameters.values())
 
 
 def _grad_ready_hook(optimizer_ref: weakref.ref, b: int, index: int, param: Tensor) -> None:

@@ -7,6 +7,9 @@ import torch
 BACKWARD_CASES = {
     "stage2+native": {"sharding": {"stage": 2, "comm": "native"}},
     "stage2+pairwise": {"sharding": {"stage": 2, "comm": "pairwise"}},
+    "stage2+pairwise+overlap": {
+        "sharding": {"stage": 2, "comm": "pairwise", "overlap_param_gather": True}
+    },
     "stage1+ring": {"sharding": {"stage": 1, "comm": "ring"}},
     "stage2+all_reduce+no_sync": {"sharding": {"stage": 2, "comm": "all_reduce"}, "no_sync": 3},
     "stage2+ring+accumulation": {
@@ -70,6 +73,7 @@ def train_sharded(rank: int, spec: dict) -> dict:
         grads_after_backward.append(model.second.weight.grad is not None)
         opt.step()
         opt.zero_grad()
+    opt.wait_for_params()  # with overlap_param_gather, before reading them outside a forward
     second_backward_error = ""
     loss_of(model, rank, 0).backward()
     try:
@@ -87,12 +91,14 @@ def train_sharded(rank: int, spec: dict) -> dict:
     (loss_of(model, rank, 2) + (extra * extra).sum()).backward()
     opt.step()
     opt.zero_grad()
+    opt.wait_for_params()
     extra_after_step = extra.detach().clone()
     del opt
     fresh = ShardedAdam(model.named_parameters(), jit_compile=False, **spec["sharding"])
     before = model.head.weight.detach().clone()
     loss_of(model, rank, 3).backward()
     fresh.step()
+    fresh.wait_for_params()
     return {
         "params": params,
         "extra_after_step": extra_after_step,

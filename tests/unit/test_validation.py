@@ -92,6 +92,11 @@ def params(n: int = 2):
             r"\('auto', 'native', 'ring', 'pairwise', 'all_reduce'\)\)",
         ),
         ({"momentum": 0.9}, ValueError, r"Argument\(s\) not recognized: \['momentum'\]"),
+        (
+            {"overlap_param_gather": 1},
+            TypeError,
+            r"Invalid overlap_param_gather: 1 \(expected True or False\)",
+        ),
     ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, error, match):
