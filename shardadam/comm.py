@@ -43,10 +43,6 @@ def rank_and_world_size(group: object | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def is_distributed(group: object | None) -> bool:
-    return group is not None and dist.get_world_size(group) > 1
-
-
 def resolve_mode(mode: str, group: object | None) -> str:
     """The collective mode ``auto`` stands for on this group's backend."""
     if mode != "auto":
@@ -118,10 +114,6 @@ class Communicator:
         return Pending(
             [work], lambda: shard.copy_(self._chunks(flat)[self.rank]).div_(self.world_size)
         )
-
-    def all_reduce_mean_(self, flat: Tensor) -> None:
-        """Collective: replace ``flat`` by its mean over the ranks, as DDP averages."""
-        self.start_reduce(flat, flat, scatter=False).wait()
 
     def reduce_scatter_mean_(self, flat: Tensor, shard: Tensor) -> None:
         """Collective: ``shard`` receives the mean over ranks of this rank's chunk of ``flat``.
