@@ -155,6 +155,21 @@ class Communicator:
         """Collective: every rank's chunk of ``flat`` reaches every rank, in place."""
         self.start_all_gather(flat).wait()
 
+    def gather_to(self, shard: Tensor, dst: int) -> Tensor | None:
+        """Collective: every rank's ``shard`` concatenated in rank order, on rank ``dst`` only."""
+        if not self.active:
+            return shard.clone()
+        pieces = None
+        if self.rank == dst:
+            pieces = [torch.empty_like(shard) for _ in range(self.world_size)]
+        dist.gather(shard, pieces, dst=self._global[dst], group=self.group)
+        return torch.cat(pieces) if pieces is not None else None
+
+    def reduce_sum_to_(self, tensor: Tensor, dst: int) -> None:
+        """Collective: rank ``dst``'s ``tensor`` becomes the sum over ranks (others: scratch)."""
+        if self.active:
+            dist.reduce(tensor, dst=self._global[dst], op=dist.ReduceOp.SUM, group=self.group)
+
     def all_reduce_sum_(self, tensor: Tensor) -> None:
         """Collective: sum a (small) tensor over the ranks, in place."""
         if self.active:

@@ -1033,6 +1033,97 @@ class ShardedAdam(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state dict
 
+    def consolidated_state_dict(self, to_rank: int = 0) -> dict[str, Any] | None:
+        """Collective: the state_dict one process would hold, on rank ``to_rank`` (None on the
+        others), which loads at any world size.
+
+        Streams one bucket and one kind of state at a time (each message at most a bucket),
+        never the whole model's state at once. Accumulated gradients become the mean of the
+        ranks' local sums, which is what one process would have summed.
+        """
+        full = self.state_dict()
+        if not self.comm.active:
+            return full
+        name = self.options.name
+        index_of = {
+            id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
+        }
+        state: dict[int, dict[str, Any]] = {}
+        for buffer, shard_state in zip(self.buffers, self.shard_states):
+            for key, shard in shard_state.entries().items():
+                gathered = self.comm.gather_to(shard.contiguous(), to_rank)
+                if gathered is None:
+                    continue
+                for span, p in zip(buffer.layout.params, buffer.params):
+                    entry = state.setdefault(index_of[id(p)], {})
+                    entry[f"{name}/{key}"] = gathered[span.flat.slice].view(span.shape).clone()
+        accumulator = f"{name}/{ACCUMULATOR}"
+        for i in sorted(full["state"]):
+            sums = full["state"][i].get(accumulator)
+            if sums is not None:
+                sums = sums.clone()
+                self.comm.reduce_sum_to_(sums, to_rank)
+                state.setdefault(i, {})[accumulator] = sums / self.world_size
+        if self.rank != to_rank:
+            return None
+        full["state"] = state
+        full["shardadam"]["world_size"] = 1
+        return full
+
+    def load_torch_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Import the state of a ``torch.optim.Adam`` or ``AdamW`` over the same parameters.
+
+        The moments carry over as they are (torch and Keras update m and v alike) and the step
+        count becomes ``iterations``; this optimizer keeps its own hyperparameters. torch's
+        ``eps`` is not imported: Keras's ``epsilon`` sits beside sqrt(v) with the bias
+        correction folded into the step size, so torch's eps equals ``epsilon * sqrt(1 -
+        beta_2^t)`` at step t and no constant maps one onto the other.
+        """
+        groups, saved = state_dict.get("param_groups"), state_dict.get("state")
+        if groups is None or saved is None or "shardadam" in state_dict:
+            raise ValueError(
+                "load_torch_state_dict() expects the state_dict() of torch.optim.Adam/AdamW; "
+                "use load_state_dict() for a ShardedAdam's"
+            )
+        counts = [len(g["params"]) for g in groups]
+        here = [len(g["params"]) for g in self.param_groups]
+        if counts != here:
+            raise ValueError(
+                f"the torch state_dict has groups of {counts} parameters but this optimizer "
+                f"has {here}; import it into an optimizer over the same parameters"
+            )
+        for index, group in enumerate(groups):
+            if group.get("weight_decay", 0) and not group.get("decoupled_weight_decay", True):
+                raise ValueError(
+                    f"param group {index} of the torch state_dict uses Adam's L2 weight decay "
+                    f"(weight_decay={group['weight_decay']}), which Keras's Adam has no "
+                    "counterpart for; only the state of AdamW or of Adam without weight decay "
+                    "imports"
+                )
+        steps = {int(float(entry["step"])) for entry in saved.values() if "step" in entry}
+        if len(steps) > 1:
+            raise ValueError(f"the torch state_dict's parameters are at different steps {steps}")
+        name = self.options.name
+        params = [p for g in self.param_groups for p in g["params"]]
+        state = {}
+        for i, p in enumerate(params):
+            entry = saved.get(i, {})
+            zeros = torch.zeros(p.shape, dtype=torch.float32)
+            exp_avg_sq = entry.get("exp_avg_sq", zeros)
+            state[i] = {
+                f"{name}/{MOMENTUM}": entry.get("exp_avg", zeros),
+                f"{name}/{VELOCITY}": exp_avg_sq,
+                f"{name}/{VELOCITY_HAT}": entry.get("max_exp_avg_sq", exp_avg_sq),
+                # The EMA starts at the parameters, as for a group added mid-training.
+                f"{name}/{AVERAGE}": p.detach().float(),
+            }
+        converted = self.state_dict()
+        converted["state"] = state
+        converted["shardadam"]["micro_steps"] = (steps.pop() if steps else 0) * (
+            self.options.gradient_accumulation_steps or 1
+        )
+        self.load_state_dict(converted)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()`` of a ShardedAdam over the same parameters.
 

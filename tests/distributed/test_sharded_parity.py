@@ -258,11 +258,44 @@ def resume_case(rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [p.detach() for p in params], [p.detach() for p in resumed]
 
 
+CONSOLIDATE_KWARGS = dict(
+    learning_rate="cosine_restarts",
+    amsgrad=True,
+    use_ema=True,
+    weight_decay=0.1,
+    gradient_accumulation_steps=2,
+    jit_compile=False,
+)
+CONSOLIDATE_AT = 13  # micro-steps: inside an accumulation cycle
+
+
+def consolidate_case(rank: int) -> dict | None:
+    """Train sharded, then gather the one-process state_dict on rank 0."""
+    from shardadam import ShardedAdam, schedules
+
+    base = initial_case()
+    params = [torch.nn.Parameter(x.clone()) for x in base.init]
+    kwargs = resolve_schedules(CONSOLIDATE_KWARGS, schedules)
+    opt = ShardedAdam(list(zip(base.names, params)), bucket_cap_mb=TINY_BUCKETS, **kwargs)
+    opt.exclude_from_weight_decay(var_names=["bias$"])
+    for row in rank_case(rank).grads[:CONSOLIDATE_AT]:
+        for p, g in zip(params, row):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        opt.zero_grad()
+    consolidated = opt.consolidated_state_dict(to_rank=0)
+    if rank != 0:
+        assert consolidated is None
+        return None
+    return {"state_dict": consolidated, "params": [p.detach().clone() for p in params]}
+
+
 def run_everything(rank: int, world_size: int) -> dict:
     results = {name: train_case(rank, spec) for name, spec in CASES.items()}
     results["counts"] = {key: count_one_step(rank, *key) for key in COUNTED}
     results["mismatch"] = mismatched_model(rank, world_size) if world_size > 1 else None
     results["resume"] = resume_case(rank)
+    results["consolidated"] = consolidate_case(rank)
     results["backward"] = {name: train_sharded(rank, spec) for name, spec in BACKWARD_CASES.items()}
     return results
 
@@ -418,3 +451,30 @@ def test_resuming_from_a_sharded_state_dict_is_bit_identical(world_size):
         uninterrupted, resumed = results["resume"]
         for a, b in zip(uninterrupted, resumed):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_consolidated_state_dict_continues_in_one_process(world_size):
+    from shardadam import ShardedAdam, schedules
+
+    saved = results_at(world_size)[0]["consolidated"]
+    reference = averaged_case(world_size)
+
+    def fresh(init):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        kwargs = resolve_schedules(CONSOLIDATE_KWARGS, schedules)
+        return params, ShardedAdam(list(zip(reference.names, params)), **kwargs)
+
+    def train(params, opt, rows):
+        for row in rows:
+            for p, g in zip(params, row):
+                p.grad = None if g is None else g.clone()
+            opt.step()
+
+    params, opt = fresh(reference.init)  # uninterrupted, one process, averaged gradients
+    opt.exclude_from_weight_decay(var_names=["bias$"])
+    train(params, opt, reference.grads)
+    resumed, opt2 = fresh(saved["params"])  # exclusions come from the state_dict
+    opt2.load_state_dict(saved["state_dict"])
+    train(resumed, opt2, reference.grads[CONSOLIDATE_AT:])
+    assert_all_close([p.detach() for p in resumed], [p.detach() for p in params], reference.names)

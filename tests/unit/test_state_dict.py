@@ -140,3 +140,52 @@ def test_mismatched_state_dicts_are_refused_clearly():
         ValueError, match=r"'a.weight' has shape \(6, 5\)|parameter 'a.weight' has shape"
     ):
         build(make_params(other_shapes), 0.9).load_state_dict(sd)
+
+
+def test_torch_adamw_state_imports_and_training_continues_as_keras_would():
+    import keras
+
+    from tests.reference import make_case
+
+    case = make_case([(4, 3), (5,)], steps=30, seed=41)
+    params = [torch.nn.Parameter(x.clone()) for x in case.init]
+    torch_opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
+    for row in case.grads[:10]:
+        for p, g in zip(params, row):
+            p.grad = g.clone()
+        torch_opt.step()
+    torch_state = copy.deepcopy(torch_opt.state_dict())
+    after_torch = [p.detach().clone() for p in params]
+
+    opt = ShardedAdam(params, learning_rate=0.05, weight_decay=0.1, jit_compile=False)
+    opt.load_torch_state_dict(torch_state)
+    assert opt.iterations == 10
+    for row in case.grads[10:]:
+        for p, g in zip(params, row):
+            p.grad = g.clone()
+        opt.step()
+
+    # Keras, handed the same parameters, moments and step count, continues the same way.
+    variables = [keras.Variable(x.numpy(), dtype="float32") for x in after_torch]
+    kopt = keras.optimizers.Adam(learning_rate=0.05, weight_decay=0.1)
+    kopt.build(variables)
+    for i in range(2):
+        kopt._momentums[i].assign(torch_state["state"][i]["exp_avg"].numpy())
+        kopt._velocities[i].assign(torch_state["state"][i]["exp_avg_sq"].numpy())
+    kopt._iterations.assign(10)
+    for row in case.grads[10:]:
+        kopt.apply([g.clone() for g in row], variables)
+    for p, v in zip(params, variables):
+        torch.testing.assert_close(p.detach(), torch.as_tensor(v.numpy()), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_adam_with_l2_decay_is_refused():
+    p = torch.nn.Parameter(torch.randn(3))
+    torch_opt = torch.optim.Adam([p], weight_decay=0.1)
+    p.grad = torch.ones(3)
+    torch_opt.step()
+    opt = ShardedAdam([p], jit_compile=False)
+    with pytest.raises(ValueError, match="uses Adam's L2 weight decay"):
+        opt.load_torch_state_dict(torch_opt.state_dict())
+    with pytest.raises(ValueError, match="use load_state_dict\\(\\) for a ShardedAdam's"):
+        opt.load_torch_state_dict(opt.state_dict())
