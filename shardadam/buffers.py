@@ -48,6 +48,9 @@ class FlatBuffer:
         else:
             self.shard_grad = torch.zeros(self.shard.numel, dtype=self.dtype, device=self.device)
         self.shard_grad_pieces = [self.shard_grad[p.local.slice] for p in self.pieces]
+        self.piece_param_index = torch.tensor(
+            [p.param_index for p in self.pieces], dtype=torch.long, device=self.device
+        )
 
     def allocate_full_grad(self) -> Tensor:
         """The full flat gradient buffer, allocated if it was released (stage 2)."""

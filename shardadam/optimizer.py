@@ -438,8 +438,7 @@ class ShardedAdam(torch.optim.Optimizer):
 
         Replaces earlier exclusions, as in Keras.
         """
-        params = [p for g in self.param_groups for p in g["params"]]
-        index_of = {id(p): i for i, p in enumerate(params)}
+        index_of = self._param_indices()
         excluded = set()
         for p in var_list or []:
             if id(p) not in index_of:
@@ -474,11 +473,13 @@ class ShardedAdam(torch.optim.Optimizer):
             excluded.update(i for i, n in enumerate(names) if pattern.search(n))
         return excluded
 
+    def _param_indices(self) -> dict[int, int]:
+        """id(parameter) -> its index in optimizer order (over all groups), as in state_dict."""
+        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
     def _global_param_indices(self, buffer_index: int) -> list[int]:
         """Index in optimizer order (over all groups) of each parameter of a buffer."""
-        index_of = {
-            id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
-        }
+        index_of = self._param_indices()
         return [index_of[id(p)] for p in self.buffers[buffer_index].params]
 
     def _rebuild_decay_masks(self) -> None:
@@ -749,8 +750,7 @@ class ShardedAdam(torch.optim.Optimizer):
             per_param = torch.zeros(len(buffer.params), dtype=torch.float32, device=buffer.device)
             if buffer.pieces:
                 piece_sq = piece_squared_norms(buffer.shard_grad_pieces).to(buffer.device)
-                index = torch.tensor([p.param_index for p in buffer.pieces], device=buffer.device)
-                per_param.index_add_(0, index, piece_sq)
+                per_param.index_add_(0, buffer.piece_param_index, piece_sq)
             local_sq[b] = per_param.sum()
             partials.append(per_param)
         summed = torch.cat(partials)
@@ -1045,9 +1045,7 @@ class ShardedAdam(torch.optim.Optimizer):
         if not self.comm.active:
             return full
         name = self.options.name
-        index_of = {
-            id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
-        }
+        index_of = self._param_indices()
         state: dict[int, dict[str, Any]] = {}
         for buffer, shard_state in zip(self.buffers, self.shard_states):
             for key, shard in shard_state.entries().items():
@@ -1189,8 +1187,7 @@ class ShardedAdam(torch.optim.Optimizer):
                 )
 
     def _restore_shard_state(self, saved_state: dict[int, dict[str, Any]], saved_name: str) -> None:
-        params = [p for g in self.param_groups for p in g["params"]]
-        index_of = {id(p): i for i, p in enumerate(params)}
+        index_of = self._param_indices()
         for b, (buffer, shard_state) in enumerate(zip(self.buffers, self.shard_states)):
             group = self.param_groups[self._buffer_groups[b]]
             if group["amsgrad"] and shard_state.exp_avg_sq_max is None:
@@ -1286,9 +1283,7 @@ def _pack_shardadam_state(optimizer: ShardedAdam, state_dict: dict[str, Any]) ->
     if steps:
         # Note [accumulation without communication]: this rank's local gradient sums, whole
         # parameters, live in the flat gradient buffers; zeros at the start of a cycle.
-        index_of = {
-            id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])
-        }
+        index_of = optimizer._param_indices()
         mid_cycle = optimizer._micro_steps % steps != 0
         key = f"{optimizer.options.name}/{ACCUMULATOR}"
         for buffer in optimizer.buffers:
