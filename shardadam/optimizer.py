@@ -38,7 +38,7 @@ from .functional import (
     update_scalars,
 )
 from .kernels import UpdateRunner
-from .layout import build_layout
+from .layout import Range, build_layout
 
 _GRAD_SCALE = UpdateScalars._fields.index("grad_scale")
 
@@ -46,6 +46,8 @@ _GRAD_SCALE = UpdateScalars._fields.index("grad_scale")
 MOMENTUM, VELOCITY, VELOCITY_HAT = "momentum", "velocity", "velocity_hat"
 AVERAGE, MASTER, ACCUMULATOR = "average", "master", "gradient_accumulator"
 OWNED_RANGE = "owned_range"
+SHARDED_KINDS = (MOMENTUM, VELOCITY, VELOCITY_HAT, AVERAGE, MASTER)
+"""The state kept for the owned shard only; the accumulator holds this rank's whole sums."""
 
 
 @dataclasses.dataclass
@@ -269,9 +271,7 @@ class ShardedAdam(torch.optim.Optimizer):
 
     def _build_buffers(self, group_index: int) -> None:
         group = self.param_groups[group_index]
-        names = group.get("param_names") or [
-            f"group{group_index}.param{i}" for i in range(len(group["params"]))
-        ]
+        names = self._group_param_names(group_index)
         self._check_ranks_agree(group_index, names, group["params"])
         by_dtype: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
         for name, p in zip(names, group["params"]):
@@ -303,6 +303,33 @@ class ShardedAdam(torch.optim.Optimizer):
                         p.register_post_accumulate_grad_hook(
                             functools.partial(_grad_ready_hook, weakref.ref(self), b, index)
                         )
+
+    def _group_param_names(self, group_index: int) -> list[str]:
+        group = self.param_groups[group_index]
+        return group.get("param_names") or [
+            f"group{group_index}.param{i}" for i in range(len(group["params"]))
+        ]
+
+    def param_names(self) -> list[str]:
+        """Each parameter's name in optimizer order (over all groups): the name it was given
+        with ``named_parameters()``, else ``"group<g>.param<i>"``."""
+        return [n for g in range(len(self.param_groups)) for n in self._group_param_names(g)]
+
+    def owned_range(self, param: Tensor) -> tuple[int, int] | None:
+        """Elements [start, end) of the flattened ``param`` whose state this rank holds (the
+        whole parameter in one process), or None where another rank owns all of it."""
+        b = self._buffer_of.get(id(param))
+        if b is None:
+            raise ValueError(
+                f"owned_range(): the tensor of shape {tuple(param.shape)} is not optimized here"
+            )
+        buffer = self.buffers[b]
+        index = next(i for i, p in enumerate(buffer.params) if p is param)
+        span = buffer.layout.params[index]
+        owned = span.flat.intersect(buffer.shard)
+        if owned is None:
+            return None
+        return owned.start - span.flat.start, owned.end - span.flat.start
 
     def _buckets(self, named: list[tuple[str, Tensor]]) -> list[list[tuple[str, Tensor]]]:
         """Split one dtype's parameters into buffers of about ``bucket_cap_mb`` each.
@@ -1123,27 +1150,24 @@ class ShardedAdam(torch.optim.Optimizer):
         self.load_state_dict(converted)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict()`` of a ShardedAdam over the same parameters.
+        """Collective when sharded: restore a ``state_dict()`` of a ShardedAdam over the same
+        parameters, then gather the parameters from their owners' shards.
 
         Schedules and callables are code, not state: this optimizer keeps its own. A
         state_dict saved in one process loads at any world size; one saved sharded loads at
-        the same world size (``shardadam.checkpoint`` reshards).
+        the same world size (``shardadam.checkpoint`` reshards). A state_dict that does not
+        fit raises before anything changes (see ``check_state_dict``).
         """
         self.wait_for_params()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        extra = state_dict.get("shardadam")
-        if extra is None or "param_groups" not in state_dict or "state" not in state_dict:
-            raise ValueError(
-                "load_state_dict() expects the state_dict() of a ShardedAdam (keys 'state', "
-                f"'param_groups', 'shardadam'); got keys {sorted(state_dict)}"
-            )
-        self._check_compatible(state_dict, extra)
+        self.check_state_dict(state_dict)
+        extra = state_dict["shardadam"]
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             for key, value in saved.items():
-                if key in ("params", LR_SCHEDULE_KEY):
+                if key in ("params", "param_names", LR_SCHEDULE_KEY):
                     continue
                 if key == "betas":
                     value = tuple(
@@ -1164,6 +1188,36 @@ class ShardedAdam(torch.optim.Optimizer):
         self._gather_params()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise what ``load_state_dict`` would refuse, changing nothing (not a collective:
+        it checks only what this rank would load)."""
+        extra = state_dict.get("shardadam")
+        if extra is None or "param_groups" not in state_dict or "state" not in state_dict:
+            raise ValueError(
+                "load_state_dict() expects the state_dict() of a ShardedAdam (keys 'state', "
+                f"'param_groups', 'shardadam'); got keys {sorted(state_dict)}"
+            )
+        self._check_compatible(state_dict, extra)
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        for b in range(len(self.buffers)):
+            g = self._buffer_groups[b]
+            amsgrad = saved_groups[g].get("amsgrad", self.param_groups[g]["amsgrad"])
+            for _ in self._saved_shard_pieces(b, saved_state, extra["name"], amsgrad):
+                pass
+        steps = self.options.gradient_accumulation_steps
+        if steps and int(extra["micro_steps"]) % steps:
+            index_of = self._param_indices()
+            for buffer in self.buffers:
+                for span, p in zip(buffer.layout.params, buffer.params):
+                    key = f"{extra['name']}/{ACCUMULATOR}"
+                    source = saved_state.get(index_of[id(p)], {}).get(key)
+                    if source is None:
+                        raise ValueError(
+                            "the state_dict was saved within an accumulation cycle but holds "
+                            f"no '{key}' for parameter '{span.name}'"
+                        )
+                    _check_shape(source, span, key)
 
     def _check_compatible(self, state_dict: dict[str, Any], extra: dict[str, Any]) -> None:
         saved_groups = state_dict["param_groups"]
@@ -1186,34 +1240,49 @@ class ShardedAdam(torch.optim.Optimizer):
                     f"{option}={here!r}; create the optimizer with the same {option}"
                 )
 
+    def _saved_shard_pieces(
+        self, b: int, saved_state: dict[int, dict[str, Any]], saved_name: str, amsgrad: bool
+    ) -> Iterator[tuple[str, Range, Tensor | None]]:
+        """(state kind, elements of the shard, saved values or None) for each kind of state
+        buffer ``b`` keeps once loaded and each parameter this rank owns; raises on what is
+        missing or does not fit. None only for a missing fp32 master (rebuilt from the
+        parameters)."""
+        buffer, shard_state = self.buffers[b], self.shard_states[b]
+        kinds = [MOMENTUM, VELOCITY] + [VELOCITY_HAT] * amsgrad
+        kinds += [AVERAGE] * (shard_state.ema is not None)
+        kinds += [MASTER] * (shard_state.master is not None)
+        index_of = self._param_indices()
+        for span, p in zip(buffer.layout.params, buffer.params):
+            local = buffer.shard_range_of(span.index)
+            if local is None:
+                continue
+            owned = span.flat.intersect(buffer.shard).shift(-span.flat.start)
+            saved = saved_state.get(index_of[id(p)], {})
+            for kind in kinds:
+                source = saved.get(f"{saved_name}/{kind}")
+                if source is None and kind != MASTER:
+                    raise ValueError(
+                        f"the state_dict has no '{saved_name}/{kind}' for parameter "
+                        f"'{span.name}' (shape {span.shape}), which this optimizer needs"
+                    )
+                if source is not None:
+                    source = _owned_piece(source, saved, saved_name, span, owned)
+                yield kind, local, source
+
     def _restore_shard_state(self, saved_state: dict[int, dict[str, Any]], saved_name: str) -> None:
         index_of = self._param_indices()
         for b, (buffer, shard_state) in enumerate(zip(self.buffers, self.shard_states)):
-            group = self.param_groups[self._buffer_groups[b]]
-            if group["amsgrad"] and shard_state.exp_avg_sq_max is None:
+            amsgrad = self.param_groups[self._buffer_groups[b]]["amsgrad"]
+            if amsgrad and shard_state.exp_avg_sq_max is None:
                 shard_state.exp_avg_sq_max = torch.zeros_like(shard_state.exp_avg_sq)
+            elif not amsgrad:
+                shard_state.exp_avg_sq_max = None
             entries = shard_state.entries()
-            for span, p in zip(buffer.layout.params, buffer.params):
-                local = buffer.shard_range_of(span.index)
-                if local is None:
-                    continue
-                owned = span.flat.intersect(buffer.shard).shift(-span.flat.start)
-                saved = saved_state.get(index_of[id(p)], {})
-                for key, target in entries.items():
-                    source = saved.get(f"{saved_name}/{key}")
-                    if source is None:
-                        if key == MASTER:
-                            continue  # rebuilt from the parameters below
-                        raise ValueError(
-                            f"the state_dict has no '{saved_name}/{key}' for parameter "
-                            f"'{span.name}' (shape {span.shape}), which this optimizer needs"
-                        )
-                    target[local.slice].copy_(_owned_piece(source, saved, saved_name, span, owned))
-            if shard_state.master is not None and not any(
-                f"{saved_name}/{MASTER}" in saved_state.get(index_of[id(p)], {})
-                for p in buffer.params
-            ):
-                shard_state.master.copy_(buffer.shard_param)
+            pieces = self._saved_shard_pieces(b, saved_state, saved_name, amsgrad)
+            for kind, local, source in pieces:
+                if source is None:  # no fp32 master saved: start it from the parameters
+                    source = buffer.shard_param[local.slice]
+                entries[kind][local.slice].copy_(source)
             self._bind_param_state(b)
             self._restore_accumulated_grads(buffer, saved_state, saved_name, index_of)
 
@@ -1229,15 +1298,9 @@ class ShardedAdam(torch.optim.Optimizer):
         if not steps or self._micro_steps % steps == 0:
             return
         buffer.allocate_full_grad().zero_()
+        key = f"{saved_name}/{ACCUMULATOR}"
         for index, p in enumerate(buffer.params):
-            source = saved_state.get(index_of[id(p)], {}).get(f"{saved_name}/{ACCUMULATOR}")
-            if source is None:
-                name = buffer.layout.params[index].name
-                raise ValueError(
-                    "the state_dict was saved within an accumulation cycle but holds no "
-                    f"'{saved_name}/{ACCUMULATOR}' for parameter '{name}'"
-                )
-            buffer.grad_views[index].copy_(source)
+            buffer.grad_views[index].copy_(saved_state[index_of[id(p)]][key])
 
 
 def _forward_pre_hook(optimizer_ref: weakref.ref, module: torch.nn.Module, args: Any) -> None:
@@ -1259,11 +1322,7 @@ def _owned_piece(
     """The elements ``owned`` (of the flattened parameter) from a saved state tensor."""
     saved_range = saved.get(f"{saved_name}/{OWNED_RANGE}")
     if saved_range is None:
-        if tuple(source.shape) != tuple(span.shape):
-            raise ValueError(
-                f"state for parameter '{span.name}' has shape {tuple(source.shape)} in the "
-                f"state_dict but the parameter has shape {span.shape}"
-            )
+        _check_shape(source, span, "state")
         return source.reshape(-1)[owned.slice]
     if tuple(saved_range) != (owned.start, owned.end):
         raise ValueError(
@@ -1272,6 +1331,14 @@ def _owned_piece(
             "load it through shardadam.checkpoint, which reshards"
         )
     return source.reshape(-1)
+
+
+def _check_shape(source: Tensor, span: Any, what: str) -> None:
+    if tuple(source.shape) != tuple(span.shape):
+        raise ValueError(
+            f"{what} for parameter '{span.name}' has shape {tuple(source.shape)} in the "
+            f"state_dict but the parameter has shape {span.shape}"
+        )
 
 
 def _pack_shardadam_state(optimizer: ShardedAdam, state_dict: dict[str, Any]) -> dict[str, Any]:
