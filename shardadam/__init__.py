@@ -1,8 +1,8 @@
 """shardadam: Keras 3's Adam for PyTorch, with ZeRO-sharded optimizer state."""
 
-from . import schedules
+from . import checkpoint, schedules
 from .optimizer import ShardedAdam
 
 __version__ = "0.1.0"
 
-__all__ = ["ShardedAdam", "schedules", "__version__"]
+__all__ = ["ShardedAdam", "checkpoint", "schedules", "__version__"]

@@ -128,3 +128,31 @@ def load_then_continue(rank: int, world_size: int, root: str, sharding: dict) ->
         train(model, opt, rank, world_size, spec["saved_at"], MORE_STEPS)
         results[config] = {"step": info.step, "loaded": loaded, "final": snapshot(model, opt)}
     return results
+
+
+def load_corrupt_on_one_rank(rank: int, world_size: int, root: str) -> dict:
+    """A byte flipped in the last record of rank 1's file (its own optimizer shard), which only
+    rank 1 reads back: every rank must refuse, and none may change anything."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from shardadam import checkpoint
+
+    config = next(iter(CONFIGS))
+    corrupt = Path(root) / "corrupt"
+    if rank == 0:
+        shutil.copytree(checkpoint.latest(Path(root) / config), corrupt / "step-00000004")
+        data = corrupt / "step-00000004" / "rank-00001.bin"
+        raw = bytearray(data.read_bytes())
+        raw[-3] ^= 0x01
+        data.write_bytes(bytes(raw))
+    dist.barrier()
+    model, opt = make(config)
+    before = snapshot(model, opt)
+    try:
+        checkpoint.load(corrupt, model=model, optimizer=opt)
+        error = None
+    except checkpoint.CheckpointError as refused:
+        error = str(refused)
+    return {"error": error, "before": before, "after": snapshot(model, opt)}

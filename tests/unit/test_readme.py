@@ -15,7 +15,8 @@ def python_blocks() -> list[str]:
 
 
 @pytest.mark.parametrize("index", range(len(python_blocks())))
-def test_readme_python_example_runs(index):
+def test_readme_python_example_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where examples write (checkpoints)
     exec(compile(python_blocks()[index], f"README.md[python block {index}]", "exec"), {})
 
 
