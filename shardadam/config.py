@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # Keras argument name -> (param_group key, index within a tuple-valued key or None).
@@ -264,3 +264,171 @@ class ShardingOptions:
             raise ValueError(f"Invalid comm: {self.comm!r} (expected one of {COMM_MODES})")
         check_positive_int(self.align_numel, "align_numel", minimum=1, optional=False)
         check_bool(self.overlap_param_gather, "overlap_param_gather")
+
+
+# ---------------------------------------------------------------------- the training app
+# The schema of the training app's configs (``configs/``, composed by Hydra in ``train.py``).
+# Hydra checks keys and types against these dataclasses when it composes a config; converting
+# to them runs the checks below, before anything starts.
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass
+class OptimizerConfig:
+    """ShardedAdam's arguments under Keras's names (see the README's table)."""
+
+    learning_rate: float = 1e-3
+    """The learning rate, or the peak that a schedule's config refers to."""
+    schedule: Any = None
+    """A learning-rate schedule to instantiate (``_target_`` and its arguments), or null."""
+    beta_1: float = 0.9
+    """Decay of the first-moment (mean) estimate."""
+    beta_2: float = 0.999
+    """Decay of the second-moment estimate."""
+    epsilon: float = 1e-7
+    """Keras's epsilon hat, added to sqrt(v)."""
+    amsgrad: bool = False
+    """Use the running maximum of the second moment."""
+    weight_decay: float | None = None
+    """Decoupled weight decay, applied before the update."""
+    exclude_from_weight_decay: list[str] = field(default_factory=list)
+    """Regular expressions searched in parameter names: matching parameters are not decayed."""
+    clipnorm: float | None = None
+    """Clip each gradient tensor to this L2 norm."""
+    clipvalue: float | None = None
+    """Clip each gradient element to [-clipvalue, clipvalue]."""
+    global_clipnorm: float | None = None
+    """Clip all gradients together to this joint L2 norm."""
+    use_ema: bool = False
+    """Keep an exponential moving average of the weights (evaluated beside the weights)."""
+    ema_momentum: float = 0.99
+    """Weight of the old average in each EMA update."""
+    ema_overwrite_frequency: int | None = None
+    """Write the averages into the weights every this many steps."""
+    loss_scale_factor: float | None = None
+    """The loss is multiplied by this before backward; gradients are divided by it."""
+    gradient_accumulation_steps: int | None = None
+    """Apply the mean gradient of this many micro-batches (trainer steps) at once."""
+    jit_compile: bool = True
+    """Compile the per-shard update with torch.compile."""
+    name: str = "Adam"
+    """Prefix of the optimizer's state names."""
+
+    def __post_init__(self) -> None:
+        check_learning_rate(self.learning_rate, "optimizer.learning_rate")
+        for pattern in self.exclude_from_weight_decay:
+            if not isinstance(pattern, str):
+                raise TypeError(
+                    f"Invalid optimizer.exclude_from_weight_decay: {pattern!r} (expected "
+                    "regular expressions as strings)"
+                )
+
+    def keras_arguments(self) -> dict[str, Any]:
+        """The arguments ShardedAdam takes as they are (the schedule is instantiated apart)."""
+        skipped = ("schedule", "exclude_from_weight_decay")
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skipped}
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: length, batches, evaluation, checkpoints and logging."""
+
+    steps: int = 300
+    """Calls of optimizer.step() (micro-batches when accumulating gradients)."""
+    batch_size: int = 32
+    """Global batch: samples per step over all ranks (must divide evenly among them)."""
+    seed: int = 0
+    """Seeds the model's initialisation and the order of the training samples."""
+    eval_every: int = 100
+    """Evaluate on the held-out split every this many steps (and at the end); 0: only at the end."""
+    eval_samples: int = 512
+    """Held-out samples per evaluation (the first ones; fewer if the split is smaller)."""
+    log_every: int = 10
+    """Refresh the progress bar and TensorBoard every this many steps (metrics: every step)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps (and at the end); 0: only at the end."""
+    checkpoint_dir: str = "checkpoints"
+    """Where checkpoints go; relative paths are inside the run's output directory."""
+    keep_last: int | None = 2
+    """How many checkpoints to keep (null: all)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in checkpoint_dir (start afresh if there is none)."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+    tensorboard: bool = False
+    """Also write the metrics for TensorBoard (needs the tensorboard package)."""
+    plot: bool = True
+    """Write loss.png (training and held-out loss) at the end."""
+    threads: int | None = None
+    """torch.set_num_threads per rank (null: torch's default in one process, else cores/ranks)."""
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.steps, "trainer.steps", minimum=1, optional=False)
+        check_positive_int(self.batch_size, "trainer.batch_size", minimum=1, optional=False)
+        for name in ("eval_every", "checkpoint_every"):
+            check_positive_int(getattr(self, name), f"trainer.{name}", minimum=0, optional=False)
+        check_positive_int(self.eval_samples, "trainer.eval_samples", minimum=1, optional=False)
+        check_positive_int(self.log_every, "trainer.log_every", minimum=1, optional=False)
+        check_positive_int(self.keep_last, "trainer.keep_last", minimum=1)
+        check_positive_int(self.threads, "trainer.threads", minimum=1)
+
+
+@dataclass
+class DistributedConfig:
+    """How the ranks start and how ShardedAdam shards across them."""
+
+    backend: str = "auto"
+    """auto (NCCL with CUDA, else gloo), gloo or nccl."""
+    world_size: int | None = None
+    """Expected number of ranks: a launch with another number fails at start (null: any)."""
+    timeout_s: float = 600.0
+    """How long a collective may wait for the other ranks."""
+    stage: int = 2
+    """ZeRO stage: 1 shards optimizer state; 2 also shards reduced gradients."""
+    bucket_cap_mb: float = 25.0
+    """Size of the gradient buckets reduced while backward runs, in MiB."""
+    comm: str = "auto"
+    """Collectives: auto, native, ring, pairwise or all_reduce (see the README)."""
+    overlap_param_gather: bool = False
+    """Let the next forward overlap the parameter all-gather."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"Invalid distributed.backend: {self.backend!r} (expected one of {BACKENDS})"
+            )
+        check_positive_int(self.world_size, "distributed.world_size", minimum=1)
+        check_number_range(self.timeout_s, "distributed.timeout_s", low=0.0, low_open=True)
+        ShardingOptions(**self.sharding_options())  # the optimizer's own checks, at start-up
+
+    def sharding_options(self) -> dict[str, Any]:
+        """The keyword arguments ShardedAdam takes for sharding."""
+        names = ("stage", "bucket_cap_mb", "comm", "overlap_param_gather")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass
+class TrainConfig:
+    """The whole app: ``model`` and ``data`` are instantiated from their ``_target_``."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    model: Any = None
+    """An nn.Module to build: ``_target_`` (its import path) and its arguments."""
+    data: Any = None
+    """A factory returning ``shardadam.datasets.Splits``: ``_target_`` and its arguments."""
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data"):
+            spec = getattr(self, name)
+            if not isinstance(spec, dict) or not spec.get("_target_"):
+                example = {
+                    "model": "model._target_=shardadam.models.MLPClassifier",
+                    "data": "data._target_=shardadam.datasets.teacher_classification",
+                }[name]
+                raise ValueError(
+                    f"{name}._target_ is missing: set it to the import path of the {name} to "
+                    f"build (for example {example}, or pick a config: {name}=<name>)"
+                )

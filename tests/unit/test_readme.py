@@ -22,9 +22,9 @@ def test_readme_python_example_runs(index, tmp_path, monkeypatch):
 
 def test_readme_commands_are_the_ones_ci_and_users_run():
     text = README.read_text()
-    assert "python -m shardadam.toy" in text
+    assert "pip install -e . && launch/torchrun.sh" in text
     assert "python -m pytest" in (README.parent / ".ci" / "run").read_text()
-    assert "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest" in text
+    assert "pip install torch==2.13.0 && pip install -e '.[test,mpi]' && python -m pytest" in text
 
 
 def test_main_job_learns(capsys):

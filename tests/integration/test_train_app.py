@@ -1,0 +1,225 @@
+"""The training app end to end: one process, torchrun, and the errors it must give early."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardadam import checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["optimizer.jit_compile=false", "trainer.progress=false"]
+MLP = ["model=mlp_classifier", "data=teacher_classification"]
+
+
+def run_app(*overrides: str, launcher: list[str] | None = None, env: dict | None = None):
+    command = [*(launcher or [sys.executable, "-m", "shardadam.train"]), *FAST, *overrides]
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, **(env or {})},
+    )
+    return done, done.stdout + done.stderr
+
+
+def held_out_losses(out: str) -> list[float]:
+    return [float(v) for v in re.findall(r"held-out loss [^:]*: ([0-9.]+)", out)]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overrides_reach_the_optimizer_and_outputs_land_in_the_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    done, out = run_app(
+        *MLP,
+        "trainer.steps=12",
+        "trainer.eval_every=6",
+        "~optimizer/schedule",  # a constant learning rate
+        "optimizer.learning_rate=0.0123",
+        "optimizer.beta_1=0.8",
+        "optimizer.amsgrad=true",
+        "optimizer.use_ema=false",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert done.returncode == 0, out
+    manifest = json.loads(
+        (checkpoint.latest(run_dir / "checkpoints") / "manifest.json").read_text()
+    )
+    group = manifest["body"]["optimizer"]["param_groups"][0]
+    assert group["lr"] == 0.0123 and group["betas"] == [0.8, 0.99] and group["amsgrad"] is True
+    assert any(k.startswith("optimizer/velocity_hat/") for k in manifest["body"]["tensors"])
+    assert not any(k.startswith("optimizer/average/") for k in manifest["body"]["tensors"])
+    steps = [m for m in metrics(run_dir) if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 13))
+    assert all(m["lr"] == 0.0123 for m in steps)
+    assert {"grad_norm", "step_time_s", "items_per_s", "optimizer_state_bytes_per_rank"} <= set(
+        steps[0]
+    )
+    assert "learning_rate: 0.0123" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(held_out_losses(out)) == 3  # before, at 6, at 12
+
+
+def test_wraps_an_existing_module_given_on_the_command_line(tmp_path):
+    done, out = run_app(
+        "data=teacher_classification", "~model",
+        "+model={_target_:torch.nn.Linear,in_features:16,out_features:4}",
+        "trainer.steps=30", f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert done.returncode == 0, out
+    assert "parameters: 68;" in out  # 16 * 4 + 4
+    first, last = held_out_losses(out)[0], held_out_losses(out)[-1]
+    assert last < first, out
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer.learnin_rate=0.1"], "Key 'learnin_rate' not in 'OptimizerConfig'"),
+        (["trainer.steps=ten"], "Value 'ten' of type 'str' could not be converted to Integer"),
+        (["~model._target_"], "model._target_ is missing: set it to the import path"),
+        (["optimizer.beta_1=1.5"], r"Invalid beta_1: 1.5 \(expected 0 <= beta_1 < 1\)"),
+        (["trainer.batch_size=0"], r"Invalid trainer.batch_size: 0 \(expected an integer >= 1\)"),
+        (["hydra.run.dir=README.md/run"], "set hydra.run.dir to a writable directory"),
+        (
+            ["trainer.checkpoint_dir=/dev/null/checkpoints"],
+            "set trainer.checkpoint_dir to a writable directory",
+        ),
+    ],
+)
+def test_bad_configs_fail_at_start_saying_what_to_change(tmp_path, overrides, message):
+    done, out = run_app(*MLP, f"hydra.run.dir={tmp_path / 'run'}", *overrides)
+    assert done.returncode != 0
+    assert re.search(message, out), out
+    assert "held-out loss" not in out  # nothing trained
+
+
+def test_multirun_makes_a_run_dir_per_value(tmp_path):
+    sweep = tmp_path / "sweep"
+    done, out = run_app(
+        *MLP, "trainer.steps=4", "optimizer.learning_rate=0.001,0.002", f"hydra.sweep.dir={sweep}",
+        launcher=[sys.executable, "-m", "shardadam.train", "--multirun"],
+    )  # fmt: skip
+    assert done.returncode == 0, out
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0", "1"]
+    for run_dir, rate in zip(runs, ["0.001", "0.002"]):
+        assert f"learning_rate: {rate}" in (run_dir / ".hydra" / "config.yaml").read_text()
+        assert len([m for m in metrics(run_dir) if "loss" in m]) == 4
+
+
+def test_resume_continues_like_the_uninterrupted_run(tmp_path):
+    common = [*MLP, "trainer.steps=16", "trainer.checkpoint_every=8", "trainer.keep_last=null"]
+    whole = tmp_path / "whole"
+    done, out = run_app(*common, f"hydra.run.dir={whole}")
+    assert done.returncode == 0, out
+    # A run that stopped after step 8: its checkpoint directory holds step 8 only.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(whole / "checkpoints" / "step-00000008", stopped / "step-00000008")
+    resumed = tmp_path / "resumed"
+    done, resumed_out = run_app(
+        *common, "trainer.resume=true", f"trainer.checkpoint_dir={stopped}",
+        f"hydra.run.dir={resumed}",
+    )  # fmt: skip
+    assert done.returncode == 0, resumed_out
+    assert "resumed from" in resumed_out
+    expected = {m["step"]: m for m in metrics(whole) if "loss" in m and m["step"] > 8}
+    got = {m["step"]: m for m in metrics(resumed) if "loss" in m}
+    assert got.keys() == expected.keys()
+    for step in got:
+        assert got[step]["loss"] == expected[step]["loss"], step
+    assert held_out_losses(resumed_out)[-1] == held_out_losses(out)[-1]
+
+
+TORCHRUN = [str(REPO / "launch" / "torchrun.sh")]
+MPIRUN = [str(REPO / "launch" / "mpirun.sh")]
+LAUNCH_ENV = {"PYTHON": sys.executable}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_torchrun_script_trains_the_default_model(tmp_path, ranks):
+    run_dir = tmp_path / "run"
+    done, out = run_app(
+        "trainer.steps=30", "trainer.eval_every=0", "trainer.eval_samples=64",
+        f"hydra.run.dir={run_dir}",
+        launcher=TORCHRUN, env={**LAUNCH_ENV, "NPROC_PER_NODE": str(ranks)},
+    )  # fmt: skip
+    assert done.returncode == 0, out
+    assert f"ranks: {ranks};" in out
+    first, last = held_out_losses(out)[0], held_out_losses(out)[-1]
+    assert last < 0.7 * first, out  # bytes: ln 256 = 5.5 at the start
+    state_bytes = [m for m in metrics(run_dir) if "loss" in m][0]["optimizer_state_bytes_per_rank"]
+    assert len(state_bytes) == ranks
+    steps = checkpoint.published(run_dir / "checkpoints")
+    assert [s for s, _ in steps] == [30]
+    manifest = json.loads((steps[0][1] / "manifest.json").read_text())
+    assert manifest["body"]["world_size"] == ranks
+
+
+@pytest.mark.mpi
+def test_mpirun_script_trains_on_two_ranks(tmp_path):
+    pytest.importorskip("mpi4py")
+    if shutil.which("mpiexec", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("no mpiexec next to this Python (pip install 'shardadam[mpi]')")
+    done, out = run_app(
+        *MLP, "trainer.steps=40", f"hydra.run.dir={tmp_path / 'run'}",
+        launcher=MPIRUN, env={**LAUNCH_ENV, "NPROC": "2"},
+    )  # fmt: skip
+    assert done.returncode == 0, out
+    assert "ranks: 2;" in out
+    first, last = held_out_losses(out)[0], held_out_losses(out)[-1]
+    assert last < 0.8 * first, out
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["distributed.world_size=3"], "launched with 2 ranks .* but distributed.world_size=3"),
+        (
+            ["model._target_=tests.integration.app_models.RankDependentMLP"],
+            r"rank [01]/2: .*parameter 'hidden.weight' has shape \(65, 16\)",
+        ),
+    ],
+)
+def test_two_rank_launch_errors_fail_on_every_rank(tmp_path, overrides, message):
+    done, out = run_app(
+        *MLP, f"hydra.run.dir={tmp_path / 'run'}", *overrides,
+        launcher=TORCHRUN, env=LAUNCH_ENV,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert re.search(message, out), out
+    assert "held-out loss" not in out
+
+
+def test_console_script_composes_the_config():
+    script = Path(sys.executable).parent / "shardadam-train"
+    done = subprocess.run(
+        [str(script), "--cfg", "job", "optimizer.amsgrad=true"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "amsgrad: true" in done.stdout
+    assert "_target_: shardadam.models.TinyTransformerLM" in done.stdout
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed"
+)
+def test_tensorboard_without_the_package_fails_at_start(tmp_path):
+    done, out = run_app(*MLP, "trainer.tensorboard=true", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode != 0
+    assert "trainer.tensorboard=true needs the tensorboard package" in out, out
+    assert "held-out loss" not in out
