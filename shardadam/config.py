@@ -276,7 +276,9 @@ BACKENDS = ("auto", "gloo", "nccl")
 
 @dataclass
 class OptimizerConfig:
-    """ShardedAdam's arguments under Keras's names (see the README's table)."""
+    """ShardedAdam's arguments under Keras's names (see the README's table), with the same
+    defaults: the schema mirrors the constructor (tests/unit/test_app_config.py keeps them
+    equal), since Hydra needs fields it can check where the constructor has parameters."""
 
     learning_rate: float = 1e-3
     """The learning rate, or the peak that a schedule's config refers to."""
