@@ -82,6 +82,11 @@ class _Run:
         self.model = _instantiate(config.model, "model", torch.nn.Module).to(ctx.device)
         self.data = _instantiate(config.data, "data", object)
         _check_splits(self.data)
+        if len(self.data.train) < self.trainer.batch_size:
+            raise ValueError(
+                f"Invalid trainer.batch_size: {self.trainer.batch_size} is more than the "
+                f"{len(self.data.train)} samples of the training split"
+            )
         self.optimizer = _build_optimizer(config, self.model)
         _check_same_weights(self.model, ctx)
         self.checkpoint_dir = output_dir / self.trainer.checkpoint_dir

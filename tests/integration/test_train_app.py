@@ -93,6 +93,7 @@ def test_wraps_an_existing_module_given_on_the_command_line(tmp_path):
         (["~model._target_"], "model._target_ is missing: set it to the import path"),
         (["optimizer.beta_1=1.5"], r"Invalid beta_1: 1.5 \(expected 0 <= beta_1 < 1\)"),
         (["trainer.batch_size=0"], r"Invalid trainer.batch_size: 0 \(expected an integer >= 1\)"),
+        (["trainer.batch_size=5000"], "is more than the 4096 samples of the training split"),
         (["hydra.run.dir=README.md/run"], "set hydra.run.dir to a writable directory"),
         (
             ["trainer.checkpoint_dir=/dev/null/checkpoints"],
