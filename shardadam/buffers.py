@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .layout import BufferLayout, Range
+from .layout import BufferLayout, Range, ShardPiece
 
 
 class FlatBuffer:
@@ -33,6 +33,7 @@ class FlatBuffer:
         self.flat_param = torch.zeros(layout.padded_numel, dtype=self.dtype, device=self.device)
         self.shard = layout.shard(rank)
         self.pieces = layout.pieces(rank)
+        self._piece_of = {piece.param_index: piece for piece in self.pieces}
         with torch.no_grad():
             for param, span in zip(params, layout.params):
                 view = self.param_view(span.index)
@@ -80,10 +81,14 @@ class FlatBuffer:
     def shard_param(self) -> Tensor:
         return self.flat_param[self.shard.slice]
 
+    def piece_of(self, index: int) -> ShardPiece | None:
+        """The part of parameter ``index`` inside this rank's shard, or None."""
+        return self._piece_of.get(index)
+
     def shard_range_of(self, index: int) -> Range | None:
         """Elements of parameter ``index`` inside this rank's shard, in shard coordinates."""
-        overlap = self.layout.params[index].flat.intersect(self.shard)
-        return None if overlap is None else overlap.shift(-self.shard.start)
+        piece = self._piece_of.get(index)
+        return None if piece is None else piece.local
 
     def shard_mask(self, param_indices: list[int]) -> Tensor:
         """Bool mask over the shard: True on the elements of the given parameters."""

@@ -239,9 +239,7 @@ class _SavePlan:
     ) -> dict[str, Any]:
         """The model's tensors: the elements of optimized parameters this rank owns (its
         optimizer shard), and an even cut of every other tensor."""
-        optimized = set()
-        if optimizer is not None:
-            optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        optimized = {id(p) for p in _params_of(optimizer)}
         first_key: dict[int, str] = {}
         aliases: dict[str, str] = {}
         for key, tensor in model.state_dict(keep_vars=True).items():
@@ -272,7 +270,7 @@ class _SavePlan:
         state_dict = optimizer.state_dict()
         extra = state_dict["shardadam"]
         prefix = extra["name"]
-        params = [p for g in optimizer.param_groups for p in g["params"]]
+        params = _params_of(optimizer)
         steps = optimizer.options.gradient_accumulation_steps
         mid_cycle = bool(steps) and extra["micro_steps"] % steps != 0
         for i, entry in state_dict["state"].items():
@@ -506,9 +504,7 @@ class _Loaded:
         aliases = saved["aliases"]
         here = model.state_dict(keep_vars=True)
         _check_same_names("the model's state_dict keys", list(here), saved["keys"] + list(aliases))
-        optimized = set()
-        if optimizer is not None:
-            optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        optimized = {id(p) for p in _params_of(optimizer)}
         seen = set()
         for key, tensor in here.items():
             stored = f"model/{aliases.get(key, key)}"
@@ -571,7 +567,7 @@ def _read_optimizer(
         groups.append({**saved_group, "params": [index_of[n] for n in saved_group["params"]]})
     counters = saved["state"]
     prefix = counters["name"]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params = _params_of(optimizer)
     state: dict[int, dict[str, Any]] = {}
     for i, (name, p) in enumerate(zip(names, params)):
         owned = optimizer.owned_range(p)
@@ -750,12 +746,17 @@ def _param_names(optimizer: ShardedAdam, model: torch.nn.Module | None) -> list[
     names = optimizer.param_names()
     if model is not None:
         in_model = {id(p): name for name, p in model.named_parameters()}
-        params = (p for g in optimizer.param_groups for p in g["params"])
+        params = _params_of(optimizer)
         names = [in_model.get(id(p), own) for p, own in zip(params, names)]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"the optimizer's parameters have names used twice: {twice}")
     return names
+
+
+def _params_of(optimizer: ShardedAdam | None) -> list[Tensor]:
+    """The optimizer's parameters in its order (the indices of its state_dict); none without."""
+    return [] if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
 
 
 def _check_same_names(what: str, here: list[str], saved: list[str]) -> None:

@@ -184,7 +184,8 @@ class ShardedAdam(torch.optim.Optimizer):
         # Note [gather during forward]
         self._param_gathers: list[comm.Pending | None] = []
         self._forward_hook: Any = None
-        self._buffer_of: dict[int, int] = {}
+        self._position_of: dict[int, tuple[int, int]] = {}
+        """id(parameter) -> (its buffer, its index in the buffer)."""
         self._has_names = False
         self._weight_decay_excluded: set[int] = set()
         self._weight_decay_patterns: list[str] = []
@@ -293,9 +294,9 @@ class ShardedAdam(torch.optim.Optimizer):
             self._bind_param_state(len(self.buffers) - 1)
             self._fired.append(set())
             self._reductions.append(None)
-            self._buffer_of.update((id(p), len(self.buffers) - 1) for p in buffer.params)
+            b = len(self.buffers) - 1
+            self._position_of.update((id(p), (b, i)) for i, p in enumerate(buffer.params))
             if self.comm.active:
-                b = len(self.buffers) - 1
                 # The hook holds the optimizer weakly: a discarded optimizer neither stays
                 # alive through its parameters nor keeps taking their gradients.
                 for index, p in enumerate(buffer.params):
@@ -318,18 +319,14 @@ class ShardedAdam(torch.optim.Optimizer):
     def owned_range(self, param: Tensor) -> tuple[int, int] | None:
         """Elements [start, end) of the flattened ``param`` whose state this rank holds (the
         whole parameter in one process), or None where another rank owns all of it."""
-        b = self._buffer_of.get(id(param))
-        if b is None:
+        position = self._position_of.get(id(param))
+        if position is None:
             raise ValueError(
                 f"owned_range(): the tensor of shape {tuple(param.shape)} is not optimized here"
             )
-        buffer = self.buffers[b]
-        index = next(i for i, p in enumerate(buffer.params) if p is param)
-        span = buffer.layout.params[index]
-        owned = span.flat.intersect(buffer.shard)
-        if owned is None:
-            return None
-        return owned.start - span.flat.start, owned.end - span.flat.start
+        b, index = position
+        piece = self.buffers[b].piece_of(index)
+        return None if piece is None else (piece.param.start, piece.param.end)
 
     def _buckets(self, named: list[tuple[str, Tensor]]) -> list[list[tuple[str, Tensor]]]:
         """Split one dtype's parameters into buffers of about ``bucket_cap_mb`` each.
@@ -399,16 +396,15 @@ class ShardedAdam(torch.optim.Optimizer):
         buffer, shard_state = self.buffers[buffer_index], self.shard_states[buffer_index]
         prefix = self.options.name
         for span, p in zip(buffer.layout.params, buffer.params):
-            local = buffer.shard_range_of(span.index)
+            piece = buffer.piece_of(span.index)
             entry: dict[str, Any] = {}
-            if local is not None:
-                whole = local.numel == span.flat.numel
+            if piece is not None:
+                whole = piece.param.numel == span.flat.numel
                 for key, tensor in shard_state.entries().items():
-                    view = tensor[local.slice]
+                    view = tensor[piece.local.slice]
                     entry[f"{prefix}/{key}"] = view.view(span.shape) if whole else view
                 if not whole:
-                    start = span.flat.intersect(buffer.shard).start - span.flat.start
-                    entry[f"{prefix}/{OWNED_RANGE}"] = (start, start + local.numel)
+                    entry[f"{prefix}/{OWNED_RANGE}"] = (piece.param.start, piece.param.end)
             self.state[p] = entry
 
     # ------------------------------------------------------------------ Keras conventions
@@ -946,7 +942,7 @@ class ShardedAdam(torch.optim.Optimizer):
         if params is None:
             wanted = range(len(self.buffers))
         else:
-            wanted = {self._buffer_of[id(p)] for p in params if id(p) in self._buffer_of}
+            wanted = {self._position_of[id(p)][0] for p in params if id(p) in self._position_of}
         for b in wanted:
             if self._param_gathers[b] is not None:
                 self._param_gathers[b].wait()
@@ -1253,10 +1249,9 @@ class ShardedAdam(torch.optim.Optimizer):
         kinds += [MASTER] * (shard_state.master is not None)
         index_of = self._param_indices()
         for span, p in zip(buffer.layout.params, buffer.params):
-            local = buffer.shard_range_of(span.index)
-            if local is None:
+            piece = buffer.piece_of(span.index)
+            if piece is None:
                 continue
-            owned = span.flat.intersect(buffer.shard).shift(-span.flat.start)
             saved = saved_state.get(index_of[id(p)], {})
             for kind in kinds:
                 source = saved.get(f"{saved_name}/{kind}")
@@ -1266,8 +1261,8 @@ class ShardedAdam(torch.optim.Optimizer):
                         f"'{span.name}' (shape {span.shape}), which this optimizer needs"
                     )
                 if source is not None:
-                    source = _owned_piece(source, saved, saved_name, span, owned)
-                yield kind, local, source
+                    source = _owned_piece(source, saved, saved_name, span, piece.param)
+                yield kind, piece.local, source
 
     def _restore_shard_state(self, saved_state: dict[int, dict[str, Any]], saved_name: str) -> None:
         index_of = self._param_indices()

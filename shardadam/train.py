@@ -91,6 +91,7 @@ class _Run:
         _check_same_weights(self.model, ctx)
         self.checkpoint_dir = output_dir / self.trainer.checkpoint_dir
         self.reporter = _Reporter(config, output_dir, ctx, self.data.items_per_sample)
+        self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)
 
     def train(self) -> float:
         trainer, ctx = self.trainer, self.ctx
@@ -129,10 +130,11 @@ class _Run:
         train, size = self.data.train, self.trainer.batch_size
         per_epoch = max(1, len(train) // size)
         epoch, index = divmod(step - 1, per_epoch)
-        order = torch.randperm(
-            len(train), generator=torch.Generator().manual_seed(self.trainer.seed * 100003 + epoch)
-        )
-        global_batch = order[index * size : (index + 1) * size]
+        if self._epoch_order[0] != epoch:  # one permutation per epoch, not per step
+            seed = self.trainer.seed * 100003 + epoch
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+            self._epoch_order = (epoch, order)
+        global_batch = self._epoch_order[1][index * size : (index + 1) * size]
         per_rank = size // self.ctx.world_size
         mine = global_batch[self.ctx.rank * per_rank : (self.ctx.rank + 1) * per_rank]
         return _stack(train, mine.tolist(), self.ctx.device)
