@@ -37,6 +37,7 @@ from .functional import (
     squared_norm,
     update_scalars,
 )
+from .gather import ParamGather
 from .kernels import UpdateRunner
 from .layout import Range, build_layout
 
@@ -181,11 +182,9 @@ class ShardedAdam(torch.optim.Optimizer):
         self._fired: list[set[int]] = []
         self._reductions: list[comm.Pending | None] = []
         self._next_reduction = 0
-        # Note [gather during forward]
-        self._param_gathers: list[comm.Pending | None] = []
-        self._forward_hook: Any = None
         self._position_of: dict[int, tuple[int, int]] = {}
         """id(parameter) -> (its buffer, its index in the buffer)."""
+        self._param_gather = ParamGather(self.comm, self.buffers, self._position_of)
         self._has_names = False
         self._weight_decay_excluded: set[int] = set()
         self._weight_decay_patterns: list[str] = []
@@ -905,25 +904,8 @@ class ShardedAdam(torch.optim.Optimizer):
         return ema_overwrite
 
     def _gather_params(self, overlap: bool = False) -> None:
-        """Collective: every rank's updated shards reach every rank (all buckets in flight).
-
-        Note [gather during forward]: with ``overlap`` (overlap_param_gather=True, at the end
-        of step()) the gathers are left in flight; a global module forward pre-hook waits for
-        the buckets of each module's own parameters, so the next forward starts while later
-        layers' parameters are still arriving, and every method of the optimizer that reads
-        parameters waits for all of them first (``wait_for_params``).
-        """
-        self.wait_for_params()
-        pending = [self.comm.start_all_gather(b.flat_param) for b in self.buffers]
-        if not overlap or not self.comm.active:
-            for gather in pending:
-                gather.wait()
-            return
-        self._param_gathers = pending
-        if self._forward_hook is None:
-            self._forward_hook = torch.nn.modules.module.register_module_forward_pre_hook(
-                functools.partial(_forward_pre_hook, weakref.ref(self))
-            )
+        """Collective: every rank's updated shards reach every rank (see ``gather``)."""
+        self._param_gather.gather(overlap)
 
     def __del__(self) -> None:
         # Gathers left in flight (overlap_param_gather) would hold the process group's
@@ -937,21 +919,7 @@ class ShardedAdam(torch.optim.Optimizer):
         Only needed with overlap_param_gather=True, to read parameters outside a module's
         forward (a module's forward waits for its own parameters by itself).
         """
-        if not self._param_gathers:
-            return
-        if params is None:
-            wanted = range(len(self.buffers))
-        else:
-            wanted = {self._position_of[id(p)][0] for p in params if id(p) in self._position_of}
-        for b in wanted:
-            if self._param_gathers[b] is not None:
-                self._param_gathers[b].wait()
-                self._param_gathers[b] = None
-        if all(g is None for g in self._param_gathers):
-            self._param_gathers = []
-            if self._forward_hook is not None:
-                self._forward_hook.remove()
-                self._forward_hook = None
+        self._param_gather.wait(params)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds, by kind.
@@ -1296,13 +1264,6 @@ class ShardedAdam(torch.optim.Optimizer):
         key = f"{saved_name}/{ACCUMULATOR}"
         for index, p in enumerate(buffer.params):
             buffer.grad_views[index].copy_(saved_state[index_of[id(p)]][key])
-
-
-def _forward_pre_hook(optimizer_ref: weakref.ref, module: torch.nn.Module, args: Any) -> None:
-    # Note [gather during forward]: wait for the buckets of this module's own parameters.
-    optimizer = optimizer_ref()
-    if optimizer is not None and optimizer._param_gathers:
-        optimizer.wait_for_params(module._parameters.values())
 
 
 def _grad_ready_hook(optimizer_ref: weakref.ref, b: int, index: int, param: Tensor) -> None:
