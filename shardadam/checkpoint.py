@@ -61,7 +61,7 @@ FORMAT = "shardadam.checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
-_RANK_FILE = re.compile(r"rank-\d{5}\.bin")
+_RANK_FILE = re.compile(r"rank-(\d{5})\.bin")
 _HIDDEN_PREFIXES = (".partial-", ".removing-")
 _TENSOR_REF = "__shardadam_tensor__"
 _DTYPES = {
@@ -613,9 +613,8 @@ class _Reader:
         self.directory = directory
         self.tensors = body["tensors"]
         self._files: dict[str, Any] = {}
+        _check_file_names(directory / MANIFEST, body)
         for name, nbytes in body["files"].items():
-            if not _RANK_FILE.fullmatch(name):
-                raise CheckpointError(f"the manifest names an unexpected file {name!r}")
             try:
                 size = (directory / name).stat().st_size
             except FileNotFoundError:
@@ -673,6 +672,28 @@ class _Reader:
                 f"{self.directory / chunk['file']} fail their checksum: the file is corrupt"
             )
         return values
+
+
+def _check_file_names(manifest: Path, body: dict[str, Any]) -> None:
+    """Every file the manifest names is one of the checkpoint's own rank files, so that a
+    crafted manifest cannot make a load read outside the checkpoint (``../``, absolute paths)."""
+    for name in body["files"]:
+        match = _RANK_FILE.fullmatch(name)
+        if match is None or int(match.group(1)) >= body["world_size"]:
+            raise CheckpointError(
+                f"{manifest} names {name!r}, but the checkpoint was saved by "
+                f"{body['world_size']} rank(s), whose files are rank-00000.bin to "
+                f"rank-{body['world_size'] - 1:05d}.bin"
+            )
+    listed = sorted(body["files"])
+    for key, meta in body["tensors"].items():
+        for chunk in meta["chunks"]:
+            if chunk["file"] not in body["files"]:
+                raise CheckpointError(
+                    f"{manifest}: tensor {key!r} has a chunk in {chunk['file']!r}, which is not "
+                    f"one of this checkpoint's rank files {listed}; shardadam.checkpoint.save "
+                    "never writes such a manifest"
+                )
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import shutil
+import zlib
 from pathlib import Path
 
 import pytest
@@ -221,3 +224,44 @@ def test_save_refuses_bad_arguments_and_writes_nothing(tmp_path, kwargs, error, 
     with pytest.raises(error, match=match):
         checkpoint.save(tmp_path, **{"model": model, "optimizer": opt, **kwargs})
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
+
+
+def _rewrite_manifest(directory: Path, edit) -> None:
+    """Apply ``edit`` to the manifest's body and give it a valid checksum again, so that only
+    the edit itself can be refused."""
+    manifest = directory / "manifest.json"
+    body = json.loads(manifest.read_text())["body"]
+    edit(body)
+    crc = zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    manifest.write_text(json.dumps({"body": body, "crc32": crc}))
+
+
+@pytest.mark.parametrize("where", ["../outside.bin", "absolute", "rank-00001.bin"])
+def test_refuses_a_chunk_in_a_file_that_is_not_one_of_its_rank_files(saved, tmp_path, where):
+    """A chunk pointing at an exact copy of the rank file outside the checkpoint (so that its
+    checksum passes), at an absolute path, or at a rank file the checkpoint does not list."""
+    directory = checkpoint.latest(saved)
+    outside = tmp_path / "outside.bin"
+    shutil.copyfile(directory / "rank-00000.bin", outside)
+    name = str(outside) if where == "absolute" else where
+
+    def point_one_chunk_at_it(body):
+        body["tensors"]["model/0.weight"]["chunks"][0]["file"] = name
+
+    _rewrite_manifest(directory, point_one_chunk_at_it)
+    _refused(
+        saved,
+        rf"'model/0.weight' has a chunk in {re.escape(repr(name))}, which is not one of "
+        r"this checkpoint's rank files \['rank-00000.bin'\]",
+    )
+
+
+def test_refuses_a_listed_file_of_a_rank_that_did_not_save(saved):
+    directory = checkpoint.latest(saved)
+    shutil.copyfile(directory / "rank-00000.bin", directory / "rank-00003.bin")
+
+    def list_it(body):
+        body["files"]["rank-00003.bin"] = body["files"]["rank-00000.bin"]
+
+    _rewrite_manifest(directory, list_it)
+    _refused(saved, r"names 'rank-00003.bin', but the checkpoint was saved by 1 rank\(s\)")
