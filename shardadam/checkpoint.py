@@ -14,10 +14,10 @@ name (never by position in a flat buffer): ``model/<key>`` (the model's ``state_
 ``master``), ``accumulator/<rank>/<parameter>`` (mid-accumulation only) and ``extra/<path>``.
 
 Each rank writes what it owns: its shard of the optimizer state and the same elements of the
-optimized parameters; other model tensors are cut evenly across ranks. A loading rank reads the
-elements its own shard needs, from whichever chunks hold them, so a checkpoint written at one
-world size, bucket size or stage loads at any other. Nothing is pickled: a checkpoint is JSON
-and raw numbers and cannot hold code.
+optimized parameters; rank 0 writes every other model tensor (Note [tensors from rank 0]) and
+``extra``. A loading rank reads the elements its own shard needs, from whichever chunks hold
+them, so a checkpoint written at one world size, bucket size or stage loads at any other.
+Nothing is pickled: a checkpoint is JSON and raw numbers and cannot hold code.
 
 Note [atomic publication]
     A save writes into ``<root>/.partial-step-<step>-<random>/``. Once every rank has written
@@ -27,6 +27,14 @@ Note [atomic publication]
     ``.partial-`` directory that loading never looks at and the next save removes. Removal
     (``keep_last``, or a save over an existing step) renames a checkpoint out of sight before
     deleting it.
+
+Note [tensors from rank 0]
+    A model tensor the optimizer does not update (buffers such as BatchNorm's running
+    statistics and batch counter, frozen parameters, and every tensor of a save without an
+    optimizer) is saved whole from rank 0, and every loading rank gets rank 0's values. Such
+    tensors may differ between ranks (nothing synchronises buffers); cutting them across the
+    saving ranks would stitch one tensor together from several ranks' values, a state no rank
+    ever had.
 
 Note [agree before acting]
     Any rank can fail alone (a disk error, a chunk whose checksum fails on the rank that reads
@@ -238,7 +246,7 @@ class _SavePlan:
         self, model: torch.nn.Module, optimizer: ShardedAdam | None, channel: comm.Communicator
     ) -> dict[str, Any]:
         """The model's tensors: the elements of optimized parameters this rank owns (its
-        optimizer shard), and an even cut of every other tensor."""
+        optimizer shard); every other tensor whole, from rank 0 (Note [tensors from rank 0])."""
         optimized = {id(p) for p in _params_of(optimizer)}
         first_key: dict[int, str] = {}
         aliases: dict[str, str] = {}
@@ -257,7 +265,7 @@ class _SavePlan:
             if id(tensor) in optimized:
                 owned = optimizer.owned_range(tensor)
             else:
-                owned = _even_cut(flat.numel(), channel.rank, channel.world_size)
+                owned = (0, flat.numel()) if channel.rank == 0 else None
             if owned is not None and owned[1] > owned[0]:
                 self.records.append(_Record(f"model/{key}", owned[0], flat[owned[0] : owned[1]]))
         return {"keys": list(first_key.values()), "aliases": aliases}
@@ -804,10 +812,6 @@ def _preview(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return f"[{shown}{more}]" if names else "none"
-
-
-def _even_cut(numel: int, rank: int, world_size: int) -> tuple[int, int]:
-    return numel * rank // world_size, numel * (rank + 1) // world_size
 
 
 def _raw_bytes(values: Tensor) -> Any:

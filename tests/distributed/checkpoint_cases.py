@@ -156,3 +156,62 @@ def load_corrupt_on_one_rank(rank: int, world_size: int, root: str) -> dict:
     except checkpoint.CheckpointError as refused:
         error = str(refused)
     return {"error": error, "before": before, "after": snapshot(model, opt)}
+
+
+class NormModel(torch.nn.Module):
+    """BatchNorm: running statistics that each rank updates from its own batches (nothing
+    synchronises buffers), and a frozen parameter the optimizer does not update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(6, 5)
+        self.norm = torch.nn.BatchNorm1d(5)
+        self.head = torch.nn.Linear(5, 3)
+        self.head.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(x)))
+
+
+def save_and_load_per_rank_buffers(rank: int, world_size: int, root: str) -> dict:
+    """Save on ranks whose buffers differ, with and without an optimizer, and load into fresh
+    models: every rank should get rank 0's buffers, whole. Its own group has a short timeout,
+    so that a collective one rank skips fails fast."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from shardadam import ShardedAdam, checkpoint
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=20))
+
+    def make_norm_model():
+        model = NormModel()
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, ShardedAdam(params, jit_compile=False, process_group=group)
+
+    model, opt = make_norm_model()
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(rank))  # this rank's batch
+    model(x).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        model.norm.num_batches_tracked.fill_(10 + rank)
+        model.head.bias.fill_(float(rank))  # frozen, and different on each rank
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    root = Path(root) / "per-rank-buffers"
+    checkpoint.save(root / "with-optimizer", model=model, optimizer=opt, step=1)
+    checkpoint.save(root / "model-only", model=model, step=1, process_group=group)
+    loaded = {}
+    for kind in ("with-optimizer", "model-only"):
+        fresh, fresh_opt = make_norm_model()
+        with torch.no_grad():
+            for tensor in fresh.state_dict().values():
+                tensor.add_(100)
+        if kind == "with-optimizer":
+            checkpoint.load(root / kind, model=fresh, optimizer=fresh_opt)
+        else:
+            checkpoint.load(root / kind, model=fresh, process_group=group)
+        loaded[kind] = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
+    dist.destroy_process_group(group)
+    return {"saved": saved, "loaded": loaded}

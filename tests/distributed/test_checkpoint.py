@@ -30,6 +30,7 @@ def _at_save_world_size(rank: int, world_size: int, root: str) -> dict:
             for name, sharding in cases.RESHARDINGS.items()
         },
         "corrupt": cases.load_corrupt_on_one_rank(rank, world_size, root),
+        "buffers": cases.save_and_load_per_rank_buffers(rank, world_size, root),
     }
 
 
@@ -44,8 +45,12 @@ def _results(root: Path) -> dict:
             0
         ]
     resumed["W=1"] = cases.load_then_continue(0, 1, str(root), {})  # one process, no group
-    corrupt = [r["corrupt"] for r in ranks]
-    return {"uninterrupted": at_two["uninterrupted"], "resumed": resumed, "corrupt": corrupt}
+    return {
+        "uninterrupted": at_two["uninterrupted"],
+        "resumed": resumed,
+        "corrupt": [r["corrupt"] for r in ranks],
+        "buffers": [r["buffers"] for r in ranks],
+    }
 
 
 def _assert_state_equal(
@@ -105,3 +110,21 @@ def test_a_chunk_only_one_rank_reads_is_refused_on_every_rank(root):
         assert result["error"].startswith("rank 1/2: elements ["), result["error"]
         assert "fail their checksum: the file is corrupt" in result["error"]
     _assert_state_equal(corrupt[0]["after"], corrupt[0]["before"], exact=True, where="unchanged")
+
+
+@pytest.mark.parametrize("kind", ["with-optimizer", "model-only"])
+def test_tensors_not_optimized_come_whole_from_rank_0(root, kind):
+    """BatchNorm statistics, its batch counter (one element) and a frozen bias differ per rank;
+    after a load every rank holds rank 0's, not a mix of the ranks' pieces."""
+    ranks = _results(root)["buffers"]
+    rank_0 = ranks[0]["saved"]
+    differ = ["norm.running_mean", "norm.running_var", "norm.num_batches_tracked", "head.bias"]
+    for key in differ:
+        assert not torch.equal(ranks[1]["saved"][key], rank_0[key]), f"{key} is the same"
+    for rank, result in enumerate(ranks):
+        loaded = result["loaded"][kind]
+        assert loaded.keys() == rank_0.keys()
+        for key in differ:
+            assert torch.equal(loaded[key], rank_0[key]), f"rank {rank}: {key} {kind}"
+        for key in rank_0.keys() - set(differ):  # optimized parameters: the same on all ranks
+            assert torch.equal(loaded[key], result["saved"][key]), f"rank {rank}: {key} {kind}"
