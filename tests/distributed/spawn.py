@@ -13,7 +13,14 @@ import torch.multiprocessing as mp
 
 
 def _worker(
-    rank: int, world_size: int, store_path: str, out_dir: str, backend: str, fn: Callable, args
+    rank: int,
+    world_size: int,
+    store_path: str,
+    out_dir: str,
+    backend: str,
+    timeout_s: float,
+    fn: Callable,
+    args,
 ):
     torch.set_num_threads(1)
     if backend == "nccl":
@@ -24,7 +31,7 @@ def _worker(
         store=store,
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
     try:
         result = fn(rank, world_size, *args)
@@ -34,11 +41,16 @@ def _worker(
         dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn: Callable, *args, backend: str = "gloo") -> list:
-    """``fn(rank, world_size, *args)`` on each rank; returns the per-rank results in rank order."""
+def run_ranks(
+    world_size: int, fn: Callable, *args, backend: str = "gloo", timeout_s: float = 60
+) -> list:
+    """``fn(rank, world_size, *args)`` on each rank; returns the per-rank results in rank order.
+
+    ``timeout_s`` bounds every collective: a mismatched or missing one fails instead of hanging.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
-        mp.spawn(_worker, args=(world_size, store_path, tmp, backend, fn, args), nprocs=world_size)
+        mp.spawn(_worker, args=(world_size, store_path, tmp, backend, timeout_s, fn, args), nprocs=world_size)
         return [
             torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
             for r in range(world_size)
