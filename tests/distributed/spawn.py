@@ -50,7 +50,11 @@ def run_ranks(
     """
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
-        mp.spawn(_worker, args=(world_size, store_path, tmp, backend, timeout_s, fn, args), nprocs=world_size)
+        mp.spawn(
+            _worker,
+            args=(world_size, store_path, tmp, backend, timeout_s, fn, args),
+            nprocs=world_size,
+        )
         return [
             torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
             for r in range(world_size)
