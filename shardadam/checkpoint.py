@@ -23,10 +23,24 @@ Note [atomic publication]
     A save writes into ``<root>/.partial-step-<step>-<random>/``. Once every rank has written
     and fsync'ed its file, rank 0 checks the files, writes and fsyncs the manifest and renames
     the directory to ``step-<step>`` (one atomic rename). A checkpoint is published iff its
-    ``step-`` directory exists, and it exists only complete; a killed save leaves a hidden
-    ``.partial-`` directory that loading never looks at and the next save removes. Removal
-    (``keep_last``, or a save over an existing step) renames a checkpoint out of sight before
-    deleting it.
+    ``step-`` directory holds a manifest, and it exists only complete; a killed save leaves a
+    hidden ``.partial-`` directory that loading never looks at and the next save removes.
+    Removal (``keep_last``, or the old copy of a re-saved step) renames a checkpoint out of
+    sight (``.removing-``) before deleting it.
+
+Note [re-saving a step]
+    A directory cannot be renamed over another that is not empty, and deleting the old copy of
+    a step before publishing the new one leaves a moment with neither. So a save of a step that
+    exists publishes its complete copy as ``step-<step>.new`` (one rename), renames the old
+    ``step-<step>`` aside to ``.removing-...`` (one rename), renames ``step-<step>.new`` to
+    ``step-<step>`` (one rename) and deletes the old copy, fsyncing the root between renames so
+    that they reach the disk in this order. ``published``, ``latest`` and ``load`` take
+    ``step-<step>.new`` for the step while it exists (it is always complete), so at every
+    instant the step has a loadable copy: the old until the first rename, the new from then on.
+    A crash between the renames leaves ``step-<step>.new``; the next save finishes the swap
+    before it starts (rank 0), so ``keep_last`` and later saves see one copy per step.
+    Every file-system operation of a save is one call through a seam a test can stop
+    (Note [crash points]); tests/unit/test_checkpoint_crash.py stops a re-save before each.
 
 Note [tensors from rank 0]
     A model tensor the optimizer does not update (buffers such as BatchNorm's running
@@ -46,6 +60,7 @@ Note [agree before acting]
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -69,6 +84,8 @@ FORMAT = "shardadam.checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
+_NEW_SUFFIX = ".new"
+_NEW_COPY = re.compile(r"step-(\d+)\.new")
 _RANK_FILE = re.compile(r"rank-(\d{5})\.bin")
 _HIDDEN_PREFIXES = (".partial-", ".removing-")
 _TENSOR_REF = "__shardadam_tensor__"
@@ -115,16 +132,29 @@ def checkpoint_path(root: str | os.PathLike, step: int) -> Path:
 
 
 def published(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """The published checkpoints under ``root`` as (step, path), oldest step first."""
+    """The published checkpoints under ``root`` as (step, path), oldest step first; one path
+    per step, the new copy while a re-save swaps it in (Note [re-saving a step])."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
+    return sorted((step, copies[0]) for step, copies in _copies(root).items())
+
+
+def _copies(root: Path) -> dict[int, list[Path]]:
+    """The complete copies of each step under ``root``: ``step-<N>.new`` (a re-save's new copy),
+    then ``step-<N>``, those that hold a manifest."""
+    names: dict[int, str] = {}
     for entry in root.iterdir():
-        match = _STEP_DIR.fullmatch(entry.name)
-        if match and (entry / MANIFEST).is_file():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
+        match = _STEP_DIR.fullmatch(entry.name) or _NEW_COPY.fullmatch(entry.name)
+        if match:
+            names[int(match.group(1))] = f"step-{match.group(1)}"
+    found = {}
+    for step, name in names.items():
+        copies = [root / f"{name}{_NEW_SUFFIX}", root / name]
+        copies = [path for path in copies if (path / MANIFEST).is_file()]
+        if copies:
+            found[step] = copies
+    return found
 
 
 def latest(root: str | os.PathLike) -> Path | None:
@@ -153,7 +183,8 @@ def save(
     ``optimizer.iterations``. ``extra`` (rank 0's) is a dict of JSON values and tensors,
     returned by ``load``; tuples come back as lists. ``keep_last=K`` then removes all but the
     K checkpoints with the highest steps (never the one just saved); None keeps all. A save at
-    a step that was already saved replaces it. The directory must be one every rank sees.
+    a step that was already saved replaces it, the old copy staying loadable until the new one
+    is complete (Note [re-saving a step]). The directory must be one every rank sees.
     """
     channel = _communicator(optimizer, process_group)
     root = Path(path)
@@ -323,10 +354,10 @@ class _SavePlan:
         name = f"rank-{rank:05d}.bin"
         chunks: dict[str, list[dict[str, Any]]] = {}
         offset = 0
-        with open(partial / name, "wb") as file:
+        with _create(partial / name) as file:
             for record in self.records:
                 raw = _raw_bytes(record.values)
-                file.write(raw)
+                _write(file, raw)
                 chunks.setdefault(record.key, []).append(
                     {
                         "file": name,
@@ -337,21 +368,22 @@ class _SavePlan:
                     }
                 )
                 offset += raw.nbytes
-            file.flush()
-            os.fsync(file.fileno())
+            _fsync(file)
         return {"file": name, "nbytes": offset, "tensors": self.tensors, "chunks": chunks}
 
 
 def _start_partial(root: Path, step: int) -> Path:
-    """Rank 0: make the save's hidden directory, after removing those of killed saves."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Rank 0: make the save's hidden directory, after finishing what killed saves left
+    (Note [re-saving a step]) and removing their hidden directories."""
+    _make_dir(root, exist_ok=True)
     if not os.access(root, os.W_OK):
         raise PermissionError(f"checkpoint directory {root} is not writable")
+    _finish_swaps(root)
     for entry in root.iterdir():
         if entry.name.startswith(_HIDDEN_PREFIXES):
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove_tree(entry)
     partial = root / f".partial-step-{step:08d}-{uuid.uuid4().hex[:12]}"
-    partial.mkdir()
+    _make_dir(partial)
     return partial
 
 
@@ -381,18 +413,48 @@ def _publish(root: Path, partial: Path, plan: _SavePlan, indices: list[dict[str,
         "tensors": tensors,
         **plan.meta,
     }
-    with open(partial / MANIFEST, "w") as file:
-        json.dump({"body": body, "crc32": _json_crc(body)}, file, indent=1, sort_keys=True)
-        file.flush()
-        os.fsync(file.fileno())
+    document = json.dumps({"body": body, "crc32": _json_crc(body)}, indent=1, sort_keys=True)
+    with _create(partial / MANIFEST) as file:
+        _write(file, document.encode())
+        _fsync(file)
     _fsync_dir(partial)
     target = checkpoint_path(root, plan.step)
     if target.exists():
-        _remove(target)
-    partial.rename(target)
-    _fsync_dir(root)
+        new = target.with_name(target.name + _NEW_SUFFIX)
+        _rename(partial, new)
+        _fsync_dir(root)
+        _swap_in(new, target)
+    else:
+        _rename(partial, target)
+        _fsync_dir(root)
     _prune(root, plan.keep_last, plan.step, target)
     return target
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace ``target`` by the complete copy ``new``: Note [re-saving a step]."""
+    hidden = None
+    if target.exists():
+        hidden = _hidden_name(target)
+        _rename(target, hidden)
+        _fsync_dir(target.parent)
+    _rename(new, target)
+    _fsync_dir(target.parent)
+    if hidden is not None:
+        _remove_tree(hidden)
+
+
+def _finish_swaps(root: Path) -> None:
+    """Rank 0: finish the re-saves a crash interrupted, so that ``step-<N>.new`` is never left
+    over (Note [re-saving a step])."""
+    for entry in sorted(root.iterdir()):
+        match = _NEW_COPY.fullmatch(entry.name)
+        if match is None:
+            continue
+        if (entry / MANIFEST).is_file():
+            _swap_in(entry, root / f"step-{match.group(1)}")
+        else:  # never published: a save renames a copy to .new only once it is complete
+            _remove(entry)
 
 
 def _prune(root: Path, keep_last: int | None, saved_step: int, just_saved: Path) -> None:
@@ -407,9 +469,9 @@ def _prune(root: Path, keep_last: int | None, saved_step: int, just_saved: Path)
         )
     if keep_last is None:
         return
-    kept = {path for _, path in found[-keep_last:]} | {just_saved}
-    for _, path in found:
-        if path not in kept:
+    kept = {step for step, _ in found[-keep_last:]} | {saved_step}
+    for step, copies in _copies(root).items():
+        for path in copies if step not in kept else []:
             try:
                 _remove(path)
             except OSError as error:
@@ -418,9 +480,14 @@ def _prune(root: Path, keep_last: int | None, saved_step: int, just_saved: Path)
 
 def _remove(path: Path) -> None:
     """Unpublish (one rename), then delete."""
-    hidden = path.with_name(f".removing-{path.name}-{uuid.uuid4().hex[:12]}")
-    path.rename(hidden)
-    shutil.rmtree(hidden, ignore_errors=True)
+    hidden = _hidden_name(path)
+    _rename(path, hidden)
+    _remove_tree(hidden)
+
+
+def _hidden_name(path: Path) -> Path:
+    """Where a checkpoint goes out of sight before it is deleted."""
+    return path.with_name(f".removing-{path.name}-{uuid.uuid4().hex[:12]}")
 
 
 # ---------------------------------------------------------------------- loading
@@ -462,12 +529,19 @@ def load(
 def _resolve(path: Path) -> Path:
     if (path / MANIFEST).is_file():
         return path
+    new = path.with_name(path.name + _NEW_SUFFIX)
+    if _STEP_DIR.fullmatch(path.name) and (new / MANIFEST).is_file():
+        return new  # mid-swap: Note [re-saving a step]
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: the path does not exist")
     found = latest(path)
     if found is not None:
         return found
-    if _STEP_DIR.fullmatch(path.name) or path.name.startswith(_HIDDEN_PREFIXES):
+    if (
+        _STEP_DIR.fullmatch(path.name)
+        or _NEW_COPY.fullmatch(path.name)
+        or path.name.startswith(_HIDDEN_PREFIXES)
+    ):
         raise CheckpointError(
             f"{path} has no {MANIFEST}: it is not a published checkpoint (a save that was "
             "interrupted publishes nothing)"
@@ -873,8 +947,70 @@ def _decode_extra(value: Any, reader: _Reader) -> Any:
     return value
 
 
+# ---------------------------------------------------------------------- file-system operations
+# Note [crash points]: every change a save makes to the file system is one call below, and each
+# calls _before_operation first, so that a test can stop a save before any one of them (raise,
+# or os._exit: a crash) and check what a crash at that point leaves behind.
+
+_before_operation: Callable[[str, Path], None] | None = None
+"""Tests only: called with (operation, path) before each operation below."""
+
+
+def _at(operation: str, path: Path) -> None:
+    if _before_operation is not None:
+        _before_operation(operation, path)
+
+
+def _make_dir(path: Path, exist_ok: bool = False) -> None:
+    _at("mkdir", path)
+    path.mkdir(parents=True, exist_ok=exist_ok)
+
+
+def _create(path: Path) -> Any:
+    """A new file, open for writing bytes."""
+    _at("create", path)
+    return open(path, "wb")  # noqa: SIM115
+
+
+def _write(file: Any, data: Any) -> None:
+    _at("write", Path(file.name))
+    file.write(data)
+
+
+def _fsync(file: Any) -> None:
+    _at("fsync", Path(file.name))
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _rename(source: Path, target: Path) -> None:
+    _at("rename", source)
+    source.rename(target)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a directory and what it holds, one entry at a time, ignoring errors: it is
+    hidden by then, and the next save removes what is left."""
+    if path.is_symlink() or path.is_file():
+        _remove_entry(path, os.unlink)
+        return
+    for parent, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            _remove_entry(Path(parent) / name, os.unlink)
+        for name in dirs:
+            _remove_entry(Path(parent) / name, os.rmdir)
+    _remove_entry(path, os.rmdir)
+
+
+def _remove_entry(path: Path, remove: Callable[[Path], None]) -> None:
+    _at("remove", path)
+    with contextlib.suppress(OSError):
+        remove(path)
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename or a new file in ``path`` durable (where the platform allows)."""
+    _at("fsync", path)
     try:
         descriptor = os.open(path, os.O_RDONLY)
     except OSError:

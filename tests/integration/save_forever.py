@@ -1,4 +1,5 @@
-"""Two gloo ranks that train and save a checkpoint after every step until killed.
+"""Two gloo ranks that train and save a checkpoint after every step until killed; each step is
+saved twice, the second save replacing the first (Note [re-saving a step]).
 
 Run as ``python -m tests.integration.save_forever ROOT``; rank 0 prints ``saving N`` before
 each save and ``published N SECONDS`` after it.
@@ -38,12 +39,13 @@ def save_forever(rank: int, world_size: int, root: str) -> None:
         opt.step()
         opt.zero_grad()
         step += 1
-        if rank == 0:
-            print(f"saving {step}", flush=True)
-        started = time.perf_counter()
-        checkpoint.save(root, model=model, optimizer=opt, keep_last=2)
-        if rank == 0:
-            print(f"published {step} {time.perf_counter() - started:.4f}", flush=True)
+        for _ in range(2):
+            if rank == 0:
+                print(f"saving {step}", flush=True)
+            started = time.perf_counter()
+            checkpoint.save(root, model=model, optimizer=opt, keep_last=2)
+            if rank == 0:
+                print(f"published {step} {time.perf_counter() - started:.4f}", flush=True)
 
 
 if __name__ == "__main__":
