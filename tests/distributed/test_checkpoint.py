@@ -15,6 +15,7 @@ from tests.distributed import checkpoint_cases as cases
 from tests.distributed.spawn import run_ranks
 
 SAVED_AT = 2
+TIMEOUT_S = 30  # every collective: a rank that skips one fails the test instead of hanging it
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,13 @@ def _at_save_world_size(rank: int, world_size: int, root: str) -> dict:
 @functools.cache
 def _results(root: Path) -> dict:
     """One spawn per world size; the checkpoints come from the world-size-2 run."""
-    ranks = run_ranks(SAVED_AT, _at_save_world_size, str(root))
+    ranks = run_ranks(SAVED_AT, _at_save_world_size, str(root), timeout_s=TIMEOUT_S)
     at_two = ranks[0]
     resumed = {f"W=2 {name}": value for name, value in at_two["resumed"].items()}
     for world_size in (3, 4):
-        resumed[f"W={world_size}"] = run_ranks(world_size, cases.load_then_continue, str(root), {})[
-            0
-        ]
+        resumed[f"W={world_size}"] = run_ranks(
+            world_size, cases.load_then_continue, str(root), {}, timeout_s=TIMEOUT_S
+        )[0]
     resumed["W=1"] = cases.load_then_continue(0, 1, str(root), {})  # one process, no group
     return {
         "uninterrupted": at_two["uninterrupted"],
