@@ -41,6 +41,7 @@ class FlatBuffer:
                 # Rebinding .data keeps the Parameter object (and so module references and
                 # hooks) while its storage becomes part of the flat buffer.
                 param.data = view
+        self._view_ptrs = [self.param_view(span.index).data_ptr() for span in layout.params]
         self.keep_full_grad = keep_full_grad
         self.flat_grad: Tensor | None = None
         if keep_full_grad:
@@ -68,6 +69,14 @@ class FlatBuffer:
             self.flat_grad = None
             self.grad_views = []
             self.grad_padding_views = []
+
+    def first_detached(self) -> int | None:
+        """The first parameter that is no longer a view of the flat buffer (its ``.data`` was
+        replaced: ``model.double()``, ``.to(device)``), or None."""
+        for index, (param, ptr) in enumerate(zip(self.params, self._view_ptrs)):
+            if param.data_ptr() != ptr or param.dtype != self.dtype:
+                return index
+        return None
 
     def param_view(self, index: int) -> Tensor:
         span = self.layout.params[index]

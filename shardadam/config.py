@@ -59,19 +59,19 @@ def _is_number(value: Any) -> bool:
 
 
 def check_learning_rate(value: Any, where: str = "learning_rate") -> None:
-    """Accept a non-negative number, a 0-d floating tensor, a schedule or a callable."""
+    """Accept a non-negative number, a 1-element floating tensor, a schedule or a callable."""
     if _is_tensor(value):
-        if value.dim() != 0 or not value.is_floating_point():
+        if value.numel() != 1 or value.dim() > 1 or not value.is_floating_point():
             raise ValueError(
-                f"Invalid {where}: a tensor learning rate must be a 0-d floating tensor, "
-                f"got shape {tuple(value.shape)} and dtype {value.dtype}"
+                f"Invalid {where}: a tensor learning rate must be a 1-element floating tensor "
+                f"(0-d or 1-d), got shape {tuple(value.shape)} and dtype {value.dtype}"
             )
         return
     if callable(value):
         return
     if not _is_number(value):
         raise TypeError(
-            f"Invalid {where}: {value!r} (expected a float, an int, a 0-d floating tensor, a "
+            f"Invalid {where}: {value!r} (expected a float, an int, a 1-element floating tensor, a "
             "shardadam.schedules schedule, or a callable that takes no arguments)"
         )
     check_number_range(value, where, low=0.0)

@@ -65,7 +65,7 @@ def update_scalars(
 
     def scalar(value: float | Tensor) -> Tensor:
         if isinstance(value, Tensor):
-            return value.detach().to(device="cpu", dtype=dtype)
+            return value.detach().to(device="cpu", dtype=dtype).reshape(())
         return torch.tensor(value, dtype=dtype)  # straight from the Python double
 
     lr = scalar(learning_rate)
@@ -200,6 +200,13 @@ def adam_shard_step_inplace_(
     if master is not None:
         param.copy_(master)
     return grad_sq
+
+
+def refresh_master_(master: Tensor, param: Tensor) -> None:
+    """Re-take the fp32 ``master`` where the low-precision ``param`` no longer equals its
+    rounding: the parameter was changed outside the optimizer."""
+    changed = param != master.to(param.dtype)
+    master.copy_(torch.where(changed, param.to(master.dtype), master))
 
 
 def ema_shard_step_(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import re
-import weakref
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -34,12 +33,14 @@ from .functional import (
     ema_shard_step_,
     global_clip_scale,
     piece_squared_norms,
+    refresh_master_,
     squared_norm,
     update_scalars,
 )
 from .gather import ParamGather
 from .kernels import UpdateRunner
 from .layout import Range, build_layout
+from .reducer import GradReducer
 
 _GRAD_SCALE = UpdateScalars._fields.index("grad_scale")
 
@@ -49,6 +50,8 @@ AVERAGE, MASTER, ACCUMULATOR = "average", "master", "gradient_accumulator"
 OWNED_RANGE = "owned_range"
 SHARDED_KINDS = (MOMENTUM, VELOCITY, VELOCITY_HAT, AVERAGE, MASTER)
 """The state kept for the owned shard only; the accumulator holds this rank's whole sums."""
+NO_GRADIENTS = "No gradients provided for any variable."
+"""Keras's words for a step without any gradient (Keras raises; torch's optimizers do nothing)."""
 
 
 @dataclasses.dataclass
@@ -113,6 +116,10 @@ class ShardedAdam(torch.optim.Optimizer):
     torch's keys; ``shardadam`` holds the step counter, options and weight-decay exclusions.
     """
 
+    _step_supports_amp_scaling = True
+    """torch.amp.GradScaler then hands step() its scale instead of unscaling ``p.grad``
+    itself, which lets step() refuse it clearly (see ``_refuse_grad_scaler``)."""
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -158,6 +165,7 @@ class ShardedAdam(torch.optim.Optimizer):
         self.comm = comm.Communicator(self.process_group, self.sharding.comm)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
 
+        _refuse_set(params, "")
         check_learning_rate(learning_rate)
         lr_value, lr_schedule = _split_learning_rate(learning_rate)
         defaults = {
@@ -175,13 +183,9 @@ class ShardedAdam(torch.optim.Optimizer):
         self.buffers: list[FlatBuffer] = []
         self.shard_states: list[ShardState] = []
         self._buffer_groups: list[int] = []
+        self._reducer = GradReducer(self.comm, self.buffers, self.sharding.stage)
         self._micro_steps = 0
         self._sync_enabled = True
-        # Note [reduction during backward]: per buffer, the parameters whose gradient a hook
-        # has put into the flat buffer this step, and the reduction in flight once all have.
-        self._fired: list[set[int]] = []
-        self._reductions: list[comm.Pending | None] = []
-        self._next_reduction = 0
         self._position_of: dict[int, tuple[int, int]] = {}
         """id(parameter) -> (its buffer, its index in the buffer)."""
         self._param_gather = ParamGather(self.comm, self.buffers, self._position_of)
@@ -192,6 +196,7 @@ class ShardedAdam(torch.optim.Optimizer):
         self._scheduled_lr: dict[int, float] = {}
         self._runner = UpdateRunner(jit_compile)
         self.last_grad_norm: Tensor | None = None
+        self._warned_missing: set[frozenset[str]] = set()
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(_pack_shardadam_state)
 
@@ -216,23 +221,24 @@ class ShardedAdam(torch.optim.Optimizer):
         params = group.get("params")
         if isinstance(params, Tensor):
             params = [params]
+        _refuse_set(params, where)
         params = list(params) if params is not None else []
         self._check_params(params, where)
         group["params"] = params
+        if not params and self.param_groups and "param_names" in self.param_groups[0]:
+            group["param_names"] = []  # an empty group has no names to disagree with
         super().add_param_group(group)
         group = self.param_groups[-1]
         check_group(group, where)
         check_clip_exclusive(
             group["clipnorm"], group["clipvalue"], self.options.global_clipnorm, where
         )
-        self._has_names = "param_names" in group
+        self._has_names = all("param_names" in g for g in self.param_groups)
         self._build_buffers(len(self.param_groups) - 1)
         if self._weight_decay_excluded or self._weight_decay_patterns:
             self._rebuild_decay_masks()  # the patterns apply to the new parameters too
 
     def _check_params(self, params: list[Any], where: str) -> None:
-        if not params:
-            raise ValueError(f"optimizer got an empty parameter list{where}")
         seen = {
             id(p): f"{n!r} (param group {gi})" if "param_names" in g else f"#{i} (param group {gi})"
             for gi, g in enumerate(self.param_groups)
@@ -291,18 +297,9 @@ class ShardedAdam(torch.optim.Optimizer):
             self.shard_states.append(self._new_shard_state(buffer, group))
             self._decay_masks.append(None)
             self._bind_param_state(len(self.buffers) - 1)
-            self._fired.append(set())
-            self._reductions.append(None)
             b = len(self.buffers) - 1
             self._position_of.update((id(p), (b, i)) for i, p in enumerate(buffer.params))
-            if self.comm.active:
-                # The hook holds the optimizer weakly: a discarded optimizer neither stays
-                # alive through its parameters nor keeps taking their gradients.
-                for index, p in enumerate(buffer.params):
-                    if p.requires_grad:
-                        p.register_post_accumulate_grad_hook(
-                            functools.partial(_grad_ready_hook, weakref.ref(self), b, index)
-                        )
+            self._reducer.add_buffer()
 
     def _group_param_names(self, group_index: int) -> list[str]:
         group = self.param_groups[group_index]
@@ -366,9 +363,12 @@ class ShardedAdam(torch.optim.Optimizer):
                         f"but rank 0 has {n0!r} with shape {s0} and dtype {d0}; every rank must "
                         "pass the same parameters in the same order"
                     )
+            more_rank, more = (rank, theirs) if len(theirs) > len(reference) else (0, reference)
+            n, shape, dtype = more[min(len(theirs), len(reference))]
             raise RuntimeError(
                 f"{where}rank {rank} has {len(theirs)} parameters but rank 0 has "
-                f"{len(reference)}; every rank must pass the same parameters in the same order"
+                f"{len(reference)}: the first extra one is {n!r} (shape {shape}, {dtype}) on "
+                f"rank {more_rank}; every rank must pass the same parameters in the same order"
             )
 
     def _new_shard_state(self, buffer: FlatBuffer, group: dict[str, Any]) -> ShardState:
@@ -518,9 +518,29 @@ class ShardedAdam(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
 
+    @property
+    def _micro_steps(self) -> int:
+        return self._micro_step_count
+
+    @_micro_steps.setter
+    def _micro_steps(self, count: int) -> None:
+        # The reducer's hooks act on the phase of the coming micro-step.
+        self._micro_step_count = count
+        steps = self.options.gradient_accumulation_steps
+        self._reducer.update_step = not steps or (count + 1) % steps == 0
+        self._reducer.starts_cycle = not steps or count % steps == 0
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Collective when sharded: apply one step (or one micro-step of accumulation)."""
+        """Collective when sharded: apply one step (or one micro-step of accumulation).
+
+        Note [a bad value loses nothing]: every hyperparameter is read and checked, and every
+        parameter found still in place, before any state or gradient changes. Across ranks the
+        gradients are first reduced (the same collectives on every rank) and kept, the ranks
+        agree on the failure in the step's one small all-reduce, and every rank raises; calling
+        step() again once the cause is fixed applies exactly the update it would have applied.
+        """
+        self._refuse_grad_scaler()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -531,177 +551,152 @@ class ShardedAdam(torch.optim.Optimizer):
                 "step() was called inside opt.no_sync(); accumulate with backward() inside the "
                 "block and call step() after it"
             )
-        steps = self.options.gradient_accumulation_steps
-        starts_cycle = not steps or self._micro_steps % steps == 0
-        is_update = not steps or (self._micro_steps + 1) % steps == 0
-        present = self._local_present_grads()
-        if not self.comm.active or not is_update:
-            # No collective follows (or none may be skipped): refuse early, changing nothing.
-            self._check_some_grads(present)
+        if not self._reducer.update_step:
+            return self._accumulation_step(loss)
+        failure = None
         try:
-            # Every hyperparameter is read and checked before any state changes (gradient
-            # accumulators included), so that a bad value raises with everything as it was.
-            scalars = self._update_scalars() if is_update else None
-        except Exception:
-            self._finish_reductions()  # those the hooks started, the same on every rank
-            raise
-        self._collect_grads(starts_cycle)
-        if scalars is None:
-            # Note [accumulation without communication]
-            if self._update_ema_only():
-                self._gather_params()
-            self._micro_steps += 1
+            self._check_params_in_place()
+            scalars = self._update_scalars()
+        except Exception as error:
+            if not self.comm.active:
+                raise  # nothing was touched
+            failure = error
+        # Note [reduction during backward]: every rank starts its remaining reductions, then
+        # all agree on the present gradients, late ones and failures.
+        self._reducer.collect()
+        self._reducer.reduce()
+        present, late, failed = self._reducer.agree(failure is not None)
+        if failed:
+            if failure is not None:
+                raise failure
+            raise RuntimeError(
+                f"rank {self.rank}/{self.world_size}: step() failed on rank {failed - 1} (see "
+                "its error); the gradients are kept: fix the cause on every rank and call "
+                "step() again"
+            )
+        if not any(present):
+            self._skip_step_without_grads()
             return loss
-        # Every rank starts its remaining reductions, then agrees on the present gradients:
-        # the same collectives in the same order everywhere (Note [reduction during backward]).
-        self._reduce_grads()
-        present = self._agree_on_present_grads(present)
-        self._check_some_grads(present)
-        grad_masks = self._prepare_shard_grads(present, steps)
+        self._warn_missing_grads(present)
+        self._reducer.reduce_late(late)
+        self._refresh_masters()
+        grad_masks = self._prepare_shard_grads(present, self.options.gradient_accumulation_steps)
         grad_scale, local_sq = self._clip_grads()
         kernel_sq = self._update_shards(scalars, grad_masks, grad_scale)
         if grad_scale is None:
             self._record_grad_norm(
                 [k if known is None else known for known, k in zip(local_sq, kernel_sq)]
             )
+        self._reducer.reset()
+        self._reducer.end_cycle()
         self._gather_params(overlap=self.sharding.overlap_param_gather)
+        self._micro_steps += 1
+        self._reducer.hook_trainable()
+        return loss
+
+    def _accumulation_step(self, loss: Any) -> Any:
+        """A micro-step that only accumulates (Note [accumulation without communication])."""
+        self._check_params_in_place()
+        if not self._reducer.has_local_grads():
+            # The micro-step still counts (as a zero gradient): ranks cannot agree on skipping
+            # it without a collective, which micro-steps do not make.
+            warnings.warn(NO_GRADIENTS, stacklevel=3)
+        self._refresh_masters()
+        self._reducer.accumulate()
+        if self._update_ema_only():
+            self._gather_params()
         self._micro_steps += 1
         return loss
 
-    @staticmethod
-    def _check_some_grads(present: list[list[int]]) -> None:
-        if not any(present):
-            raise ValueError("No gradients provided for any variable.")
+    def _skip_step_without_grads(self) -> None:
+        """No gradient on any rank: like torch's optimizers, do nothing (and warn, with Keras's
+        message); the step does not count. Within an accumulation cycle its sums, which Keras
+        would drop for every parameter without a gradient at the boundary, are dropped."""
+        warnings.warn(NO_GRADIENTS, stacklevel=3)
+        self._reducer.reset()
+        if not self._reducer.starts_cycle:
+            self._reducer.end_cycle()
+            for buffer in self.buffers:
+                if buffer.flat_grad is not None:
+                    buffer.flat_grad.zero_()
 
-    def _on_grad_ready(self, b: int, index: int, param: Tensor) -> None:
-        """Post-accumulate-grad hook (across ranks): stage a gradient, start reductions.
-
-        Note [reduction during backward]: once every parameter of a buffer has its gradient,
-        the buffer's reduction starts while backward goes on. Buffers start in their fixed
-        order, so every rank issues the same collectives in the same order; buffers still
-        waiting at step() (a parameter without a gradient, gradients set by hand) start there.
-        At stage 2 the staged gradient is released (p.grad becomes None): a rank keeps only
-        reduced shards.
-        """
-        steps = self.options.gradient_accumulation_steps
-        is_update = not steps or (self._micro_steps + 1) % steps == 0
-        if not self._sync_enabled or not is_update:
-            return  # accumulate: gradients stay in p.grad until step()
-        buffer, fired = self.buffers[b], self._fired[b]
-        if index in fired or self._reductions[b] is not None:
-            raise RuntimeError(
-                f"rank {self.rank}/{self.world_size}: parameter "
-                f"'{buffer.layout.params[index].name}' received a second gradient before "
-                "step(); run all but the last backward of a step inside opt.no_sync()"
+    def _warn_missing_grads(self, present: list[list[int]]) -> None:
+        """Keras's warning for trainable parameters without a gradient on any rank, once per
+        set of names."""
+        missing = [
+            span.name
+            for buffer, have in zip(self.buffers, present)
+            for span, p in zip(buffer.layout.params, buffer.params)
+            if p.requires_grad and span.index not in set(have)
+        ]
+        if missing and frozenset(missing) not in self._warned_missing:
+            self._warned_missing.add(frozenset(missing))
+            warnings.warn(
+                f"Gradients do not exist for variables {missing} when minimizing the loss. If "
+                "using `model.compile()`, did you forget to provide a `loss` argument?",
+                stacklevel=3,
             )
-        buffer.allocate_full_grad()
-        view = buffer.grad_views[index]
-        if not steps or self._micro_steps % steps == 0:
-            view.copy_(param.grad)
-        else:
-            view.add_(param.grad)
-        fired.add(index)
-        if self.sharding.stage == 2:
-            param.grad = None
-        self._start_ready_reductions()
 
-    def _start_ready_reductions(self) -> None:
-        while self._next_reduction < len(self.buffers):
-            b = self._next_reduction
-            buffer = self.buffers[b]
-            waiting = [
-                p
-                for i, p in enumerate(buffer.params)
-                if p.requires_grad and i not in self._fired[b]
-            ]
-            if waiting:
-                return
-            steps = self.options.gradient_accumulation_steps
-            if not steps or self._micro_steps % steps == 0:
-                # Scratch from the last update: padding, and frozen parameters' gradients.
-                stale = [v for i, v in enumerate(buffer.grad_views) if i not in self._fired[b]]
-                if stale or buffer.grad_padding_views:
-                    torch._foreach_zero_(stale + buffer.grad_padding_views)
-            self._start_reduction(b)
+    def _check_params_in_place(self) -> None:
+        """Raise if a parameter stopped being a view of its flat buffer (the model was
+        converted or moved after the optimizer was built): its updates would be lost."""
+        for buffer in self.buffers:
+            index = buffer.first_detached()
+            if index is not None:
+                span, p = buffer.layout.params[index], buffer.params[index]
+                raise RuntimeError(
+                    f"parameter '{span.name}' ({p.dtype} on {p.device}) is no longer a view of "
+                    f"ShardedAdam's flat {buffer.dtype} buffer on {buffer.device}: the model "
+                    "was converted or moved after the optimizer was built (model.double(), "
+                    ".to(device), .to(memory_format=...)), so step() could not change it; "
+                    "build the optimizer after moving or converting the model"
+                )
 
-    def _start_reduction(self, b: int) -> None:
-        buffer = self.buffers[b]
-        self._reductions[b] = self.comm.start_reduce(
-            buffer.flat_grad, buffer.shard_grad, scatter=self.sharding.stage == 2
-        )
-        self._next_reduction = b + 1
+    def _refresh_masters(self) -> None:
+        """Note [parameters changed outside the optimizer]: a bf16/fp16 parameter that no
+        longer equals its rounded fp32 master (a loaded state_dict or checkpoint, a
+        re-initialisation) is taken as it is now, as an fp32 parameter would be."""
+        for buffer, state in zip(self.buffers, self.shard_states):
+            if state.master is not None:
+                refresh_master_(state.master, buffer.shard_param)
 
-    def _local_present_grads(self) -> list[list[int]]:
-        """Per buffer, the parameters that hold a gradient on this rank."""
-        present = []
-        for buffer, fired in zip(self.buffers, self._fired):
-            have = []
-            for index, p in enumerate(buffer.params):
-                if p.grad is None:
-                    if index in fired:
-                        have.append(index)
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError(
-                        "ShardedAdam does not support sparse gradients; got one for a "
-                        f"parameter of shape {tuple(p.shape)}"
-                    )
-                have.append(index)
-            present.append(have)
-        return present
-
-    def _collect_grads(self, starts_cycle: bool) -> None:
-        """Copy (or, within an accumulation cycle, add) each p.grad into the flat buffers.
-
-        Note [accumulation without communication]: with gradient_accumulation_steps, the flat
-        gradient buffer is the accumulator: micro-steps add this rank's gradients to it with
-        no communication, and the boundary step reduces the sum once.
-        """
-        for buffer, fired, reduction in zip(self.buffers, self._fired, self._reductions):
-            if reduction is not None:
-                continue  # staged by the hooks and already reducing
-            buffer.allocate_full_grad()
-            with_grad = [
-                i for i, p in enumerate(buffer.params) if p.grad is not None and i not in fired
-            ]
-            views = [buffer.grad_views[i] for i in with_grad]
-            grads = [buffer.params[i].grad for i in with_grad]
-            if not starts_cycle:
-                if views:
-                    torch._foreach_add_(views, grads)
-                continue
-            if views:
-                torch._foreach_copy_(views, grads)
-            copied = set(with_grad) | fired
-            missing = [buffer.grad_views[i] for i in range(len(buffer.params)) if i not in copied]
-            # The update may have used the buffer as scratch: padding is re-zeroed too.
-            if missing or buffer.grad_padding_views:
-                torch._foreach_zero_(missing + buffer.grad_padding_views)
-
-    def _reduce_grads(self) -> None:
-        """Collective: average gradients over ranks; stage 2 keeps only this rank's shard."""
-        if not self.comm.active:
-            return
-        for b in range(self._next_reduction, len(self.buffers)):
-            self._start_reduction(b)
-        self._finish_reductions()
-
-    def _finish_reductions(self) -> None:
-        """Wait for the reductions in flight; the next step starts with none."""
-        for buffer, reduction, fired in zip(self.buffers, self._reductions, self._fired):
-            if reduction is not None:
-                reduction.wait()
-            if self.sharding.stage == 2 and (reduction is not None or fired):
-                buffer.release_full_grad()
-        self._reductions = [None] * len(self.buffers)
-        self._fired = [set() for _ in self.buffers]
-        self._next_reduction = 0
+    def _refuse_grad_scaler(self) -> None:
+        if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
+            raise RuntimeError(
+                "torch.amp.GradScaler cannot drive ShardedAdam: its inf checks and unscaling "
+                "read p.grad, which across ranks holds no reduced gradient, so ranks could "
+                "skip different steps. Use bf16 parameters (the fp32 master weights need no "
+                "loss scaling) or a static loss scale: ShardedAdam(..., "
+                "loss_scale_factor=1024.0) with opt.scale_loss(loss).backward()"
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's zero_grad; gradients already staged or reducing for this step are dropped."""
+        """torch's zero_grad; across ranks it also drops the gradients already handed to the
+        optimizer for this step (staged, reducing or reduced), which ``model.zero_grad()``
+        cannot reach."""
+        if self._reducer.has_staged() and not self._reducer.starts_cycle:
+            raise RuntimeError(
+                "opt.zero_grad() after the backward of the last micro-step of an accumulation "
+                "cycle cannot drop that backward's gradients apart from the cycle's sums; call "
+                "zero_grad() before backward"
+            )
         super().zero_grad(set_to_none)
-        if any(r is not None for r in self._reductions) or any(self._fired):
-            self._finish_reductions()
+        self._reducer.reset()
+
+    def close(self) -> None:
+        """Remove the gradient hooks and finish the gathers in flight; the optimizer can no
+        longer take gradients during backward (gradients left in ``p.grad`` still work in one
+        process). Garbage collection does the same."""
+        self.wait_for_params()
+        self._reducer.reset()
+        self._reducer.close()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "a ShardedAdam cannot be pickled or copied: its state lives in flat buffers that "
+            "the model's parameters are views of (and across ranks, in other processes); save "
+            "opt.state_dict() or use shardadam.checkpoint, and load it into a new ShardedAdam"
+        )
 
     def _prepare_shard_grads(
         self, present: list[list[int]], steps: int | None
@@ -722,25 +717,6 @@ class ShardedAdam(torch.optim.Optimizer):
                 buffer.shard_grad.mul_(mask)
             masks.append(mask)
         return masks
-
-    def _agree_on_present_grads(self, present: list[list[int]]) -> list[list[int]]:
-        # Note [missing gradients across ranks]: a parameter counts as having a gradient if
-        # it has one on any rank; ranks without one contribute zeros to the average.
-        if not self.comm.active:
-            return present
-        flags = [
-            torch.zeros(len(b.params), dtype=torch.int32, device=b.device) for b in self.buffers
-        ]
-        for flag, have in zip(flags, present):
-            flag[have] = 1
-        flat = torch.cat(flags)
-        self.comm.all_reduce_max_(flat)
-        agreed, offset = [], 0
-        for buffer in self.buffers:
-            n = len(buffer.params)
-            agreed.append(torch.nonzero(flat[offset : offset + n]).flatten().tolist())
-            offset += n
-        return agreed
 
     def _clip_grads(self) -> tuple[Tensor | None, list[Tensor | None]]:
         """Clip in place (per tensor) and return the global-clip factor.
@@ -941,6 +917,7 @@ class ShardedAdam(torch.optim.Optimizer):
             "master_weights": nbytes(s.master for s in states),
             "grad_shards": nbytes(b.shard_grad for b in self.buffers if not b.keep_full_grad),
             "full_grad_buffers": nbytes(b.flat_grad for b in self.buffers),
+            "late_grad_buffers": self._reducer.late_nbytes(),
             "param_buffers": nbytes(b.flat_param for b in self.buffers),
         }
         report["optimizer_state"] = sum(
@@ -957,6 +934,7 @@ class ShardedAdam(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict (see the class docstring), after any gather in flight."""
         self.wait_for_params()
+        self._refresh_masters()
         return super().state_dict()
 
     def _full_ema(self, buffer_index: int) -> Tensor:
@@ -1046,13 +1024,19 @@ class ShardedAdam(torch.optim.Optimizer):
                 for span, p in zip(buffer.layout.params, buffer.params):
                     entry = state.setdefault(index_of[id(p)], {})
                     entry[f"{name}/{key}"] = gathered[span.flat.slice].view(span.shape).clone()
+        # Ranks accumulated gradients for different parameters: reduce those of any rank.
         accumulator = f"{name}/{ACCUMULATOR}"
-        for i in sorted(full["state"]):
-            sums = full["state"][i].get(accumulator)
-            if sums is not None:
-                sums = sums.clone()
-                self.comm.reduce_sum_to_(sums, to_rank)
-                state.setdefault(i, {})[accumulator] = sums / self.world_size
+        params = [p for g in self.param_groups for p in g["params"]]
+        device = params[0].device if params else None
+        has_sums = torch.zeros(len(params), dtype=torch.int32, device=device)
+        for i, entry in full["state"].items():
+            has_sums[i] = accumulator in entry
+        self.comm.all_reduce_max_(has_sums)
+        for i in torch.nonzero(has_sums).flatten().tolist():
+            sums = full["state"].get(i, {}).get(accumulator)
+            sums = torch.zeros_like(params[i]) if sums is None else sums.clone()
+            self.comm.reduce_sum_to_(sums, to_rank)
+            state.setdefault(i, {})[accumulator] = sums / self.world_size
         if self.rank != to_rank:
             return None
         full["state"] = state
@@ -1131,7 +1115,7 @@ class ShardedAdam(torch.optim.Optimizer):
         extra = state_dict["shardadam"]
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             for key, value in saved.items():
-                if key in ("params", "param_names", LR_SCHEDULE_KEY):
+                if key in ("params", LR_SCHEDULE_KEY):
                     continue
                 if key == "betas":
                     value = tuple(
@@ -1144,10 +1128,13 @@ class ShardedAdam(torch.optim.Optimizer):
                     continue
                 group[key] = value
         self._micro_steps = int(extra["micro_steps"])
+        self._reducer.reset()  # what was staged belongs to the state being replaced
+        self._reducer.end_cycle()
         self._scheduled_lr = {}
         self._restore_shard_state(state_dict["state"], extra["name"])
         self._weight_decay_excluded = set(extra["weight_decay_excluded"])
         self._weight_decay_patterns = list(extra["weight_decay_patterns"])
+        self._has_names = all("param_names" in g for g in self.param_groups)
         self._rebuild_decay_masks()
         self._gather_params()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -1169,19 +1156,21 @@ class ShardedAdam(torch.optim.Optimizer):
             amsgrad = saved_groups[g].get("amsgrad", self.param_groups[g]["amsgrad"])
             for _ in self._saved_shard_pieces(b, saved_state, extra["name"], amsgrad):
                 pass
-        steps = self.options.gradient_accumulation_steps
-        if steps and int(extra["micro_steps"]) % steps:
-            index_of = self._param_indices()
-            for buffer in self.buffers:
-                for span, p in zip(buffer.layout.params, buffer.params):
-                    key = f"{extra['name']}/{ACCUMULATOR}"
-                    source = saved_state.get(index_of[id(p)], {}).get(key)
-                    if source is None:
-                        raise ValueError(
-                            "the state_dict was saved within an accumulation cycle but holds "
-                            f"no '{key}' for parameter '{span.name}'"
-                        )
+        index_of = self._param_indices()
+        key = f"{extra['name']}/{ACCUMULATOR}"
+        for buffer in self.buffers:
+            for span, p in zip(buffer.layout.params, buffer.params):
+                source = saved_state.get(index_of[id(p)], {}).get(key)
+                if source is not None:  # absent: no gradient accumulated this cycle
                     _check_shape(source, span, key)
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            merged = {**group, **{k: v for k, v in saved.items() if k in group}}
+            check_clip_exclusive(
+                merged["clipnorm"],
+                merged["clipvalue"],
+                self.options.global_clipnorm,
+                f" (param group {i} of the state_dict)",
+            )
 
     def _check_compatible(self, state_dict: dict[str, Any], extra: dict[str, Any]) -> None:
         saved_groups = state_dict["param_groups"]
@@ -1191,6 +1180,12 @@ class ShardedAdam(torch.optim.Optimizer):
                 f"{len(self.param_groups)}"
             )
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            names = saved.get("param_names")
+            if names is not None and len(names) != len(saved["params"]):
+                raise ValueError(
+                    f"param group {i} of the state_dict has {len(names)} param_names for "
+                    f"{len(saved['params'])} parameters"
+                )
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"param group {i} has {len(group['params'])} parameters here but "
@@ -1233,7 +1228,6 @@ class ShardedAdam(torch.optim.Optimizer):
                 yield kind, piece.local, source
 
     def _restore_shard_state(self, saved_state: dict[int, dict[str, Any]], saved_name: str) -> None:
-        index_of = self._param_indices()
         for b, (buffer, shard_state) in enumerate(zip(self.buffers, self.shard_states)):
             amsgrad = self.param_groups[self._buffer_groups[b]]["amsgrad"]
             if amsgrad and shard_state.exp_avg_sq_max is None:
@@ -1247,29 +1241,31 @@ class ShardedAdam(torch.optim.Optimizer):
                     source = buffer.shard_param[local.slice]
                 entries[kind][local.slice].copy_(source)
             self._bind_param_state(b)
-            self._restore_accumulated_grads(buffer, saved_state, saved_name, index_of)
+            self._restore_accumulated_grads(b, saved_state, saved_name)
 
     def _restore_accumulated_grads(
-        self,
-        buffer: FlatBuffer,
-        saved_state: dict[int, dict[str, Any]],
-        saved_name: str,
-        index_of: dict[int, int],
+        self, b: int, saved_state: dict[int, dict[str, Any]], saved_name: str
     ) -> None:
-        """Within an accumulation cycle, put back this rank's local gradient sums."""
-        steps = self.options.gradient_accumulation_steps
-        if not steps or self._micro_steps % steps == 0:
+        """Within an accumulation cycle, put back this rank's local gradient sums (those saved:
+        a parameter without one accumulated nothing)."""
+        if self._reducer.starts_cycle:
             return
-        buffer.allocate_full_grad().zero_()
-        key = f"{saved_name}/{ACCUMULATOR}"
-        for index, p in enumerate(buffer.params):
-            buffer.grad_views[index].copy_(saved_state[index_of[id(p)]][key])
+        index_of, key = self._param_indices(), f"{saved_name}/{ACCUMULATOR}"
+        sums = {}
+        for index, p in enumerate(self.buffers[b].params):
+            values = saved_state.get(index_of[id(p)], {}).get(key)
+            if values is not None:
+                sums[index] = values
+        self._reducer.restore_accumulated(b, sums)
 
 
-def _grad_ready_hook(optimizer_ref: weakref.ref, b: int, index: int, param: Tensor) -> None:
-    optimizer = optimizer_ref()
-    if optimizer is not None:
-        optimizer._on_grad_ready(b, index, param)
+def _refuse_set(params: Any, where: str) -> None:
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(
+            f"optimizer parameters{where} are given as a set, whose order can differ between "
+            "runs and across ranks (parameters are matched by position); pass a list, e.g. "
+            "list(model.parameters()) or model.named_parameters()"
+        )
 
 
 def _owned_piece(
@@ -1302,17 +1298,16 @@ def _pack_shardadam_state(optimizer: ShardedAdam, state_dict: dict[str, Any]) ->
     for group in state_dict["param_groups"]:
         group[LR_SCHEDULE_KEY] = None
         group["betas"] = tuple(None if callable(b) else b for b in group["betas"])
-    steps = optimizer.options.gradient_accumulation_steps
-    if steps:
+    if not optimizer._reducer.starts_cycle:
         # Note [accumulation without communication]: this rank's local gradient sums, whole
-        # parameters, live in the flat gradient buffers; zeros at the start of a cycle.
+        # parameters, live in the flat gradient buffers; only those of parameters that
+        # accumulated a gradient this cycle are stored (none at a cycle boundary).
         index_of = optimizer._param_indices()
-        mid_cycle = optimizer._micro_steps % steps != 0
         key = f"{optimizer.options.name}/{ACCUMULATOR}"
-        for buffer in optimizer.buffers:
-            for index, p in enumerate(buffer.params):
-                i = index_of[id(p)]
-                sums = buffer.grad_views[index].clone() if mid_cycle else torch.zeros_like(p)
+        for b, buffer in enumerate(optimizer.buffers):
+            for index in sorted(optimizer._reducer.accumulated(b)):
+                i = index_of[id(buffer.params[index])]
+                sums = buffer.grad_views[index].clone()
                 state_dict["state"][i] = {**state_dict["state"].get(i, {}), key: sums}
     state_dict["shardadam"] = {
         "name": optimizer.options.name,

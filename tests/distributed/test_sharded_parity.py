@@ -365,10 +365,11 @@ def test_each_element_crosses_the_wire_once_in_the_pattern_of_the_setting(world_
     for rank, results in enumerate(results_at(world_size)):
         for (stage, mode), counted in results["counts"].items():
             calls, buckets = counted["calls"], counted["bucket_numels"]
-            # Small all-reduces (gradient flags, clipping norms) next to the big transfers.
+            # Small all-reduces next to the big transfers: the step's flags (a gradient per
+            # parameter, late gradients per bucket, a failed rank) and clipping norms.
             big = [(n, e) for n, e in calls if n != "all_reduce" or e in buckets]
             small = [e for n, e in calls if n == "all_reduce" and e not in buckets]
-            assert len(small) <= 3 and max(small) <= len(SHAPES), small
+            assert len(small) <= 3 and max(small) <= len(SHAPES) + len(buckets) + 1, small
             gather = (
                 "all_gather_single"
                 if "all_gather_single" in {n for n, _ in calls}
@@ -431,8 +432,9 @@ def test_training_through_backward_hooks_equals_one_process(world_size):
                     accumulating and s % 2 == 0 for s in range(8)
                 ]
                 assert got["full_grad_bytes"] == 0
-            if world_size > 1 and "kwargs" not in spec:
-                assert "received a second gradient before step()" in got["second_backward_error"]
+            # A second backward before step() adds up (numbers: test_robustness), and
+            # opt.zero_grad() then drops both.
+            assert got["second_backward_error"] == ""
             if "kwargs" not in spec:  # (with accumulation that step only accumulates)
                 # The added group's first update, at the optimizer's step t = 9: decay, then
                 # m / sqrt(v) = (1 - b1) / sqrt(1 - b2) for a gradient of one sign.

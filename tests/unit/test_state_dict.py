@@ -83,6 +83,40 @@ def test_resumed_run_continues_bit_identically():
     assert resumed_state["shardadam"] == final_state["shardadam"]
 
 
+def test_accumulators_are_stored_only_within_a_cycle_and_only_where_accumulated():
+    """At a cycle boundary no accumulator is stored; within one, only those of parameters
+    that accumulated a gradient (not a full-size zero tensor for every parameter)."""
+    case = make_case(SHAPES, steps=5, seed=3)
+    params = make_params(case)
+    opt = build(params, 0.9)
+    train(opt, params, case.grads[:3])  # one whole cycle of 3 micro-steps
+    assert not any("MyAdam/gradient_accumulator" in e for e in opt.state_dict()["state"].values())
+    rows = [list(row) for row in case.grads[3:5]]
+    rows[0][1] = rows[1][1] = None  # parameter 1 gets no gradient in this cycle
+    for row in rows:
+        for p, g in zip(params, row):
+            p.grad = None if g is None else g.to(p.dtype)
+        opt.step()
+    state = opt.state_dict()["state"]
+    key = "MyAdam/gradient_accumulator"
+    assert key not in state[1]
+    for i in (0, 2, 3):
+        expected = sum(row[i].to(params[i].dtype) for row in rows)
+        torch.testing.assert_close(state[i][key], expected.to(state[i][key].dtype))
+
+    # The state_dict resumes: a fresh optimizer continues exactly as this one.
+    fresh = make_params(case)
+    for p, q in zip(fresh, params):
+        p.data.copy_(q.detach())
+    other = build(fresh, 0.9)
+    other.load_state_dict(opt.state_dict())
+    last = case.grads[5 % len(case.grads)]
+    train(opt, params, [last])
+    train(other, fresh, [last])
+    for p, q in zip(params, fresh):
+        assert torch.equal(p.detach(), q.detach())
+
+
 def trained(steps: int):
     """(case, optimizer, its state_dict) after ``steps`` micro-steps."""
     case = make_case(SHAPES, steps=steps, seed=1)
@@ -93,7 +127,7 @@ def trained(steps: int):
 
 
 def test_state_names_carry_the_optimizer_name():
-    _, _, sd = trained(steps=3)
+    _, _, sd = trained(steps=4)  # within an accumulation cycle: accumulators are stored
     assert set(sd["state"][3]) == {
         "MyAdam/momentum",
         "MyAdam/velocity",
@@ -105,7 +139,7 @@ def test_state_names_carry_the_optimizer_name():
     assert sd["state"][0]["MyAdam/momentum"].shape == (6, 5)
     assert sd["param_groups"][1]["lr"] == 0.01
     assert sd["param_groups"][0]["lr_schedule"] is None
-    assert sd["shardadam"]["micro_steps"] == 3
+    assert sd["shardadam"]["micro_steps"] == 4
 
 
 def test_loading_restores_saved_hyperparameters():
