@@ -1,5 +1,5 @@
 """Re-saving a step that exists, stopped before each of its file-system operations in turn
-(Note [crash points] in shardadam.checkpoint). After every stop, ``latest`` finds a complete
+(Note [crash points] in shardadam.checkpoint.fs). After every stop, ``latest`` finds a complete
 copy of the step, old or new, and the next save recovers: no checkpoint lost, nothing left over.
 
 A crash is ``os._exit`` in a forked child (no cleanup runs, unflushed buffers are lost); a
@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from shardadam import checkpoint
+from shardadam.checkpoint import fs
 from tests.unit.test_checkpoint import make as make_amsgrad_ema
 from tests.unit.test_checkpoint import state_of, train
 
@@ -71,13 +72,13 @@ def _operations(root: Path, save: Save, scratch: Path) -> list[str]:
     """The file-system operations ``save`` makes on (a copy of) ``root``, in order."""
     shutil.copytree(root, scratch)
     seen = []
-    checkpoint._before_operation = lambda operation, path: seen.append(
+    fs.before_operation = lambda operation, path: seen.append(
         f"{operation} {os.path.relpath(path, scratch)}"
     )
     try:
         save(scratch)
     finally:
-        checkpoint._before_operation = None
+        fs.before_operation = None
     return seen
 
 
@@ -95,17 +96,17 @@ def _stop_before(k: int, root: Path, save: Save, crash: bool) -> None:
             raise _Stop(f"{operation} {path}")
 
     if not crash:
-        checkpoint._before_operation = stop
+        fs.before_operation = stop
         try:
             with pytest.raises(_Stop):
                 save(root)
         finally:
-            checkpoint._before_operation = None
+            fs.before_operation = None
         return
     pid = os.fork()
     if pid == 0:  # the child: save, and never return into pytest
         try:
-            checkpoint._before_operation = stop
+            fs.before_operation = stop
             save(root)
         except BaseException:
             traceback.print_exc()
