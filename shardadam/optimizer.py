@@ -623,12 +623,18 @@ class ShardedAdam(torch.optim.Optimizer):
     def _warn_missing_grads(self, present: list[list[int]]) -> None:
         """Keras's warning for trainable parameters without a gradient on any rank, once per
         set of names."""
-        missing = [
-            span.name
-            for buffer, have in zip(self.buffers, present)
-            for span, p in zip(buffer.layout.params, buffer.params)
-            if p.requires_grad and span.index not in set(have)
-        ]
+        missing = []  # (index in optimizer order, name), Keras names them in that order
+        for b, (buffer, have) in enumerate(zip(self.buffers, present)):
+            if len(have) < len(buffer.params):
+                have = set(have)
+                missing += [
+                    (index, span.name)
+                    for index, span, p in zip(
+                        self._global_param_indices(b), buffer.layout.params, buffer.params
+                    )
+                    if p.requires_grad and span.index not in have
+                ]
+        missing = [name for _, name in sorted(missing)]
         if missing and frozenset(missing) not in self._warned_missing:
             self._warned_missing.add(frozenset(missing))
             warnings.warn(
