@@ -182,8 +182,10 @@ class _SavePlan:
                 key = f"accumulator/{rank}/{names[i]}"
                 self._describe(key, p.shape, p.dtype)
                 if rank == channel.rank:
-                    sums = state_dict["state"][i][f"{prefix}/{ACCUMULATOR}"]
-                    self.records.append(_Record(key, 0, sums.detach().reshape(-1)))
+                    # The state_dict holds sums only where this rank accumulated a gradient.
+                    sums = state_dict["state"][i].get(f"{prefix}/{ACCUMULATOR}")
+                    sums = torch.zeros_like(p) if sums is None else sums.detach()
+                    self.records.append(_Record(key, 0, sums.reshape(-1)))
         by_index = dict(enumerate(names))
         groups = []
         for g, group in enumerate(state_dict["param_groups"]):
