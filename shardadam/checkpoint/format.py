@@ -123,18 +123,21 @@ class Reader:
 def _check_file_names(manifest: Path, body: dict[str, Any]) -> None:
     """Every file the manifest names is one of the checkpoint's own rank files, so that a
     crafted manifest cannot make a load read outside the checkpoint (``../``, absolute paths)."""
+    world_size = body["world_size"]
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise CheckpointError(f"{manifest} records an invalid world_size {world_size!r}")
     for name in body["files"]:
         match = _RANK_FILE.fullmatch(name)
-        if match is None or int(match.group(1)) >= body["world_size"]:
+        if match is None or int(match.group(1)) >= world_size:
             raise CheckpointError(
                 f"{manifest} names {name!r}, but the checkpoint was saved by "
-                f"{body['world_size']} rank(s), whose files are rank-00000.bin to "
-                f"rank-{body['world_size'] - 1:05d}.bin"
+                f"{world_size} rank(s), whose files are rank-00000.bin to "
+                f"rank-{world_size - 1:05d}.bin"
             )
     listed = sorted(body["files"])
     for key, meta in body["tensors"].items():
         for chunk in meta["chunks"]:
-            if chunk["file"] not in body["files"]:
+            if not isinstance(chunk["file"], str) or chunk["file"] not in body["files"]:
                 raise CheckpointError(
                     f"{manifest}: tensor {key!r} has a chunk in {chunk['file']!r}, which is not "
                     f"one of this checkpoint's rank files {listed}; shardadam.checkpoint.save "

@@ -236,14 +236,15 @@ def _rewrite_manifest(directory: Path, edit) -> None:
     manifest.write_text(json.dumps({"body": body, "crc32": crc}))
 
 
-@pytest.mark.parametrize("where", ["../outside.bin", "absolute", "rank-00001.bin"])
+@pytest.mark.parametrize("where", ["../outside.bin", "absolute", "rank-00001.bin", "a list"])
 def test_refuses_a_chunk_in_a_file_that_is_not_one_of_its_rank_files(saved, tmp_path, where):
     """A chunk pointing at an exact copy of the rank file outside the checkpoint (so that its
-    checksum passes), at an absolute path, or at a rank file the checkpoint does not list."""
+    checksum passes), by a relative or an absolute path, at a rank file the checkpoint does not
+    list, or at no file name at all."""
     directory = checkpoint.latest(saved)
     outside = tmp_path / "outside.bin"
     shutil.copyfile(directory / "rank-00000.bin", outside)
-    name = str(outside) if where == "absolute" else where
+    name = {"absolute": str(outside), "a list": ["rank-00000.bin"]}.get(where, where)
 
     def point_one_chunk_at_it(body):
         body["tensors"]["model/0.weight"]["chunks"][0]["file"] = name
@@ -265,3 +266,11 @@ def test_refuses_a_listed_file_of_a_rank_that_did_not_save(saved):
 
     _rewrite_manifest(directory, list_it)
     _refused(saved, r"names 'rank-00003.bin', but the checkpoint was saved by 1 rank\(s\)")
+
+
+def test_refuses_a_manifest_with_an_invalid_world_size(saved):
+    def break_it(body):
+        body["world_size"] = "1"
+
+    _rewrite_manifest(checkpoint.latest(saved), break_it)
+    _refused(saved, r"records an invalid world_size '1'")
