@@ -165,9 +165,12 @@ class GradReducer:
             stale = [v for i, v in enumerate(buffer.grad_views) if i not in self._have[b]]
             if stale or buffer.grad_padding_views:
                 torch._foreach_zero_(stale + buffer.grad_padding_views)
-        self._reductions[b] = self.comm.start_reduce(
-            buffer.flat_grad, buffer.shard_grad, scatter=self.stage == 2
-        )
+        if self.comm.active:
+            self._reductions[b] = self.comm.start_reduce(
+                buffer.flat_grad, buffer.shard_grad, scatter=self.stage == 2
+            )
+        else:  # one process: the shard gradient is a view of the flat one already
+            self._reduced[b] = True
         self._next = b + 1
 
     def collect(self) -> None:
