@@ -254,7 +254,7 @@ class ShardingOptions:
     align_numel: int = 16
     """Each parameter starts at a multiple of this many elements in its flat buffer."""
     overlap_param_gather: bool = False
-    """Let step() return before the parameters are gathered; modules wait in their forward."""
+    """Let step() return before the parameters are gathered; every read waits for its bucket."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES or isinstance(self.stage, bool):

@@ -898,8 +898,9 @@ class ShardedAdam(torch.optim.Optimizer):
     def wait_for_params(self, params: Iterable[Tensor] | None = None) -> None:
         """Wait until the parameters (all, or ``params``) hold their gathered values.
 
-        Only needed with overlap_param_gather=True, to read parameters outside a module's
-        forward (a module's forward waits for its own parameters by itself).
+        Only needed with overlap_param_gather=True, for parameters read from another thread
+        than the one calling step(), or by compiled code before any module call; other reads
+        wait by themselves (Note [gather during forward]).
         """
         self._param_gather.wait(params)
 
