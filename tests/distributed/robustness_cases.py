@@ -128,18 +128,20 @@ def zero_grad_and_failing_step(rank: int, world_size: int) -> dict:
     return out
 
 
-def unfreezing(rank: int, world_size: int) -> dict:
+def freeze_as_scheduled(model: TwoBranch, step: int) -> None:
     """Branch a frozen when the optimizer is built and unfrozen after one step; the head
-    frozen after two (it then gets no gradient: no hang, not updated)."""
+    frozen after three (it then gets no gradient: no hang, not updated)."""
+    model.a.requires_grad_(step >= 1)
+    model.head.requires_grad_(step < 3)
+
+
+def unfreezing(rank: int, world_size: int) -> dict:
     model = TwoBranch()
-    model.a.requires_grad_(False)
+    freeze_as_scheduled(model, 0)
     model, opt = build(model=model)
     released = []
     for step in range(4):
-        if step == 1:
-            model.a.requires_grad_(True)
-        if step == 3:
-            model.head.requires_grad_(False)
+        freeze_as_scheduled(model, step)
         opt.zero_grad()
         rank_loss(model, rank, step).backward()
         # Taken by a hook during backward (released), not left for step() to find.

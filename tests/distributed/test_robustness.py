@@ -55,13 +55,10 @@ def test_zero_grad_and_a_failing_step_neither_hang_nor_lose_gradients():
 
 def one_process_unfreezing() -> list[torch.Tensor]:
     model = cases.TwoBranch()
-    model.a.requires_grad_(False)
+    cases.freeze_as_scheduled(model, 0)
     opt = ShardedAdam(model.named_parameters(), learning_rate=0.05, jit_compile=False)
     for step in range(4):
-        if step == 1:
-            model.a.requires_grad_(True)
-        if step == 3:
-            model.head.requires_grad_(False)
+        cases.freeze_as_scheduled(model, step)
         opt.zero_grad()
         ((cases.rank_loss(model, 0, step) + cases.rank_loss(model, 1, step)) / 2).backward()
         opt.step()

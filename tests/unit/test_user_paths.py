@@ -75,6 +75,20 @@ def test_in_place_reinitialisation_of_a_bf16_parameter_is_kept():
     assert torch.all(model[0].weight == 0.5)  # lr 0: the step writes back what is there
 
 
+def test_a_checkpoint_loaded_into_the_model_alone_is_trained_from(tmp_path):
+    from shardadam import checkpoint
+
+    source = small_model(torch.bfloat16, seed=7)
+    checkpoint.save(tmp_path, model=source, step=1)
+    model = small_model(torch.bfloat16)
+    opt = ShardedAdam(model.parameters(), learning_rate=0.0, jit_compile=False)
+    train(model, opt, 1)
+    checkpoint.load(tmp_path, model=model)  # without optimizer=
+    train(model, opt, 1, start=1)  # lr 0: the step writes back what it starts from
+    for p, q in zip(model.parameters(), source.parameters()):
+        assert torch.equal(p, q)
+
+
 # --------------------------------------------------------------- converted after building
 
 
