@@ -2,7 +2,7 @@
 
 Each rank works in its own directory, so a relative path names different files on each rank:
 that stands in for a checkpoint directory on a node-local disk (Note [rank 0 decides] in
-shardadam/train.py). All cases run in one spawned group; its timeout is short, so a rank left
+shardadam/startup.py). All cases run in one spawned group; its timeout is short, so a rank left
 waiting in a collective fails the test instead of hanging it.
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shardadam import train
+from shardadam import startup, train
 from shardadam.bootstrap import DistributedContext
 from shardadam.config import OptimizerConfig, TrainConfig, TrainerConfig
 
@@ -64,13 +64,13 @@ def _cases(rank: int, root: Path) -> dict[str, tuple]:
     ctx = DistributedContext(rank, WORLD_SIZE, 0, torch.device("cpu"))
     shared = root / "shared"
     cases = {
-        "both see": lambda: train.decide_resume(shared / "both", ctx),
-        "none": lambda: train.decide_resume(shared / "none", ctx),
-        "no directory": lambda: train.decide_resume(shared / "missing", ctx),
-        "rank 0 only": lambda: train.decide_resume(Path("local"), ctx),
-        "rank 1 only": lambda: train.decide_resume(Path("stale"), ctx),
-        "run dir shared": lambda: train._shared_output_dir(shared / f"out{rank}", ctx, "ckpt"),
-        "run dir not shared": lambda: train._shared_output_dir(Path("out"), ctx, "ckpt"),
+        "both see": lambda: startup.decide_resume(shared / "both", ctx),
+        "none": lambda: startup.decide_resume(shared / "none", ctx),
+        "no directory": lambda: startup.decide_resume(shared / "missing", ctx),
+        "rank 0 only": lambda: startup.decide_resume(Path("local"), ctx),
+        "rank 1 only": lambda: startup.decide_resume(Path("stale"), ctx),
+        "run dir shared": lambda: startup.shared_output_dir(shared / f"out{rank}", ctx, "ckpt"),
+        "run dir not shared": lambda: startup.shared_output_dir(Path("out"), ctx, "ckpt"),
         "app shared": lambda: _app_resumes_from_a_shared_checkpoint(ctx, shared),
         # Last: before the fix, rank 1 started afresh here while rank 0 loaded.
         "app rank 0 only": lambda: train._Run(_config("app_local", True), Path("."), ctx)._resume(),
