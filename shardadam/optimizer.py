@@ -185,7 +185,6 @@ class ShardedAdam(torch.optim.Optimizer):
         self._buffer_groups: list[int] = []
         self._reducer = GradReducer(self.comm, self.buffers, self.sharding.stage)
         self._micro_steps = 0
-        self._sync_enabled = True
         self._position_of: dict[int, tuple[int, int]] = {}
         """id(parameter) -> (its buffer, its index in the buffer)."""
         self._param_gather = ParamGather(self.comm, self.buffers, self._position_of)
@@ -441,11 +440,11 @@ class ShardedAdam(torch.optim.Optimizer):
         Inside the block, gradients add up in ``p.grad`` as autograd leaves them; the first
         ``step()`` after the block reduces their sum once, as DDP's ``no_sync`` does.
         """
-        previous, self._sync_enabled = self._sync_enabled, False
+        previous, self._reducer.sync_enabled = self._reducer.sync_enabled, False
         try:
             yield
         finally:
-            self._sync_enabled = previous
+            self._reducer.sync_enabled = previous
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """Multiply the loss by ``loss_scale_factor`` (step() divides the gradients by it)."""
@@ -546,7 +545,7 @@ class ShardedAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.wait_for_params()  # the update writes the shards the gathers read
-        if not self._sync_enabled:
+        if not self._reducer.sync_enabled:
             raise RuntimeError(
                 "step() was called inside opt.no_sync(); accumulate with backward() inside the "
                 "block and call step() after it"

@@ -169,6 +169,17 @@ def several_gradients_per_backward(rank: int, world_size: int) -> dict:
             opt.step()
         out[f"twice{stage}"] = params_of(model)
     model, opt = build()
+    kept = []
+    for step in range(3):
+        opt.zero_grad()
+        with opt.no_sync():  # no communication: the gradient stays in p.grad
+            rank_loss(model, rank, step).backward()
+            kept.append(model.a.weight.grad is not None)
+        rank_loss(model, rank, step).backward()
+        opt.step()
+    out["no_sync"] = params_of(model)
+    out["no_sync_kept"] = kept
+    model, opt = build()
     for step in range(3):
         rank_loss(model, rank, step + 50).backward()
         opt.zero_grad()  # drops what the hooks staged; model.zero_grad() could not

@@ -82,6 +82,8 @@ def test_several_gradients_for_one_parameter_add_up():
         assert_params_equal(got["reentrant"], reentrant)
         assert_params_equal(got["twice1"], twice)
         assert_params_equal(got["twice2"], twice)
+        assert_params_equal(got["no_sync"], twice)
+        assert got["no_sync_kept"] == [True, True, True]
         assert_params_equal(got["dropped"], dropped)
 
 
