@@ -267,7 +267,7 @@ class ShardingOptions:
 
 
 # ---------------------------------------------------------------------- the training app
-# The schema of the training app's configs (``configs/``, composed by Hydra in ``train.py``).
+# The schema of the training app's configs (``shardadam/configs/``, composed in ``train.py``).
 # Hydra checks keys and types against these dataclasses when it composes a config; converting
 # to them runs the checks below, before anything starts.
 
