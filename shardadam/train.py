@@ -2,9 +2,9 @@
 
 Hydra composes ``shardadam/configs/config.yaml`` over the schema in ``shardadam.config`` (so a
 typo'd key or a wrong type fails before anything starts), then every rank builds the model and
-data named by their ``_target_``, trains with ShardedAdam and evaluates on the held-out split (with the
-EMA weights too where ``optimizer.use_ema``). Rank 0 writes into the run's output directory:
-the config (``.hydra/``), ``metrics.jsonl`` (one line per step and per evaluation),
+data named by their ``_target_``, trains with ShardedAdam and evaluates on the held-out split
+(with the EMA weights too where ``optimizer.use_ema``). Rank 0 writes into the run's output
+directory: the config (``.hydra/``), ``metrics.jsonl`` (one line per step and per evaluation),
 ``loss.png``, TensorBoard events if asked, and the checkpoints (every rank writes its part).
 
 Ranks come from torchrun, MPI or Slurm (``shardadam.bootstrap``); see ``launch/``. This is the
