@@ -12,6 +12,8 @@ Note [Keras names and torch keys]
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -180,22 +182,27 @@ def group_from_keras_names(overrides: dict[str, Any], where: str) -> dict[str, A
     return group
 
 
-def check_group(group: dict[str, Any], where: str) -> None:
-    """Validate the hyperparameters of one param group (torch keys; see GROUP_KEYS)."""
+def check_group(group: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Validate the hyperparameters of one param group (torch keys; see GROUP_KEYS).
+
+    Messages name each value ``<prefix><Keras name><where>``: ``where`` says which group,
+    ``prefix`` where the caller wrote it (``"optimizer."`` in the app's config)."""
     schedule = group.get(LR_SCHEDULE_KEY)
-    check_learning_rate(schedule if schedule is not None else group["lr"], f"learning_rate{where}")
+    check_learning_rate(
+        schedule if schedule is not None else group["lr"], f"{prefix}learning_rate{where}"
+    )
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"Invalid betas{where}: {betas!r} (expected a pair (beta_1, beta_2))")
-    check_beta(betas[0], f"beta_1{where}")
-    check_beta(betas[1], f"beta_2{where}")
-    check_number_range(group["eps"], f"epsilon{where}", low=0.0)
-    check_number_range(group["weight_decay"], f"weight_decay{where}", low=0.0)
-    check_bool(group["amsgrad"], f"amsgrad{where}")
-    check_number_range(group["clipnorm"], f"clipnorm{where}", low=0.0, low_open=True, optional=True)
-    check_number_range(
-        group["clipvalue"], f"clipvalue{where}", low=0.0, low_open=True, optional=True
-    )
+    check_beta(betas[0], f"{prefix}beta_1{where}")
+    check_beta(betas[1], f"{prefix}beta_2{where}")
+    check_number_range(group["eps"], f"{prefix}epsilon{where}", low=0.0)
+    check_number_range(group["weight_decay"], f"{prefix}weight_decay{where}", low=0.0)
+    check_bool(group["amsgrad"], f"{prefix}amsgrad{where}")
+    for name in ("clipnorm", "clipvalue"):
+        check_number_range(
+            group[name], f"{prefix}{name}{where}", low=0.0, low_open=True, optional=True
+        )
     if group["clipnorm"] is not None and group["clipvalue"] is not None:
         check_clip_exclusive(group["clipnorm"], group["clipvalue"], None, where)
 
@@ -222,23 +229,35 @@ class OptimizerOptions:
     """Prefix of the optimizer's state names in state_dict()."""
 
     def __post_init__(self) -> None:
-        check_number_range(
-            self.global_clipnorm, "global_clipnorm", low=0.0, low_open=True, optional=True
+        check_optimizer_options(self)
+
+
+def check_optimizer_options(options: Any, prefix: str = "") -> None:
+    """The checks of OptimizerOptions on any object with its fields (the app's config too);
+    messages name each value ``<prefix><name>``."""
+    check_number_range(
+        options.global_clipnorm, f"{prefix}global_clipnorm", low=0.0, low_open=True, optional=True
+    )
+    check_bool(options.use_ema, f"{prefix}use_ema")
+    check_number_range(options.ema_momentum, f"{prefix}ema_momentum", low=0.0, high=1.0)
+    check_positive_int(
+        options.ema_overwrite_frequency, f"{prefix}ema_overwrite_frequency", minimum=1
+    )
+    check_number_range(
+        options.loss_scale_factor,
+        f"{prefix}loss_scale_factor",
+        low=0.0,
+        low_open=True,
+        optional=True,
+    )
+    check_positive_int(
+        options.gradient_accumulation_steps, f"{prefix}gradient_accumulation_steps", minimum=2
+    )
+    check_bool(options.jit_compile, f"{prefix}jit_compile")
+    if not isinstance(options.name, str) or not options.name or "/" in options.name:
+        raise ValueError(
+            f"Invalid {prefix}name: {options.name!r} (expected a non-empty string without '/')"
         )
-        check_bool(self.use_ema, "use_ema")
-        check_number_range(self.ema_momentum, "ema_momentum", low=0.0, high=1.0)
-        check_positive_int(self.ema_overwrite_frequency, "ema_overwrite_frequency", minimum=1)
-        check_number_range(
-            self.loss_scale_factor, "loss_scale_factor", low=0.0, low_open=True, optional=True
-        )
-        check_positive_int(
-            self.gradient_accumulation_steps, "gradient_accumulation_steps", minimum=2
-        )
-        check_bool(self.jit_compile, "jit_compile")
-        if not isinstance(self.name, str) or not self.name or "/" in self.name:
-            raise ValueError(
-                f"Invalid name: {self.name!r} (expected a non-empty string without '/')"
-            )
 
 
 @dataclass(frozen=True)
@@ -257,13 +276,20 @@ class ShardingOptions:
     """Let step() return before the parameters are gathered; every read waits for its bucket."""
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES or isinstance(self.stage, bool):
-            raise ValueError(f"Invalid stage: {self.stage!r} (expected one of {STAGES})")
-        check_number_range(self.bucket_cap_mb, "bucket_cap_mb", low=0.0, low_open=True)
-        if self.comm not in COMM_MODES:
-            raise ValueError(f"Invalid comm: {self.comm!r} (expected one of {COMM_MODES})")
+        check_sharding_options(self)
         check_positive_int(self.align_numel, "align_numel", minimum=1, optional=False)
-        check_bool(self.overlap_param_gather, "overlap_param_gather")
+
+
+def check_sharding_options(options: Any, prefix: str = "") -> None:
+    """The checks of ShardingOptions on any object with its fields; messages name each value
+    ``<prefix><name>``."""
+    stage = options.stage
+    if stage not in STAGES or isinstance(stage, bool):
+        raise ValueError(f"Invalid {prefix}stage: {stage!r} (expected one of {STAGES})")
+    check_number_range(options.bucket_cap_mb, f"{prefix}bucket_cap_mb", low=0.0, low_open=True)
+    if options.comm not in COMM_MODES:
+        raise ValueError(f"Invalid {prefix}comm: {options.comm!r} (expected one of {COMM_MODES})")
+    check_bool(options.overlap_param_gather, f"{prefix}overlap_param_gather")
 
 
 # ---------------------------------------------------------------------- the training app
@@ -272,6 +298,7 @@ class ShardingOptions:
 # to them runs the checks below, before anything starts.
 
 BACKENDS = ("auto", "gloo", "nccl")
+RESUME_AUTO = "auto"
 
 
 @dataclass
@@ -318,7 +345,19 @@ class OptimizerConfig:
     """Prefix of the optimizer's state names."""
 
     def __post_init__(self) -> None:
-        check_learning_rate(self.learning_rate, "optimizer.learning_rate")
+        # The constructor's own checks, at start-up, naming the keys as the user wrote them.
+        group = {
+            "lr": self.learning_rate,
+            "betas": (self.beta_1, self.beta_2),
+            "eps": self.epsilon,
+            "weight_decay": 0.0 if self.weight_decay is None else self.weight_decay,
+            "amsgrad": self.amsgrad,
+            "clipnorm": self.clipnorm,
+            "clipvalue": self.clipvalue,
+        }
+        check_group(group, "", prefix="optimizer.")
+        check_optimizer_options(self, prefix="optimizer.")
+        check_clip_exclusive(self.clipnorm, self.clipvalue, self.global_clipnorm, "")
         for pattern in self.exclude_from_weight_decay:
             if not isinstance(pattern, str):
                 raise TypeError(
@@ -336,26 +375,29 @@ class OptimizerConfig:
 class TrainerConfig:
     """The training loop: length, batches, evaluation, checkpoints and logging."""
 
-    steps: int = 300
+    steps: int = 400
     """Calls of optimizer.step() (micro-batches when accumulating gradients)."""
     batch_size: int = 32
     """Global batch: samples per step over all ranks (must divide evenly among them)."""
     seed: int = 0
     """Seeds the model's initialisation and the order of the training samples."""
-    eval_every: int = 100
+    eval_every: int = 50
     """Evaluate on the held-out split every this many steps (and at the end); 0: only at the end."""
     eval_samples: int = 512
     """Held-out samples per evaluation (the first ones; fewer if the split is smaller)."""
     log_every: int = 10
     """Refresh the progress bar and TensorBoard every this many steps (metrics: every step)."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = 100
     """Save a checkpoint every this many steps (and at the end); 0: only at the end."""
     checkpoint_dir: str = "checkpoints"
     """Where checkpoints go; relative paths are inside the run's output directory."""
     keep_last: int | None = 2
     """How many checkpoints to keep (null: all)."""
-    resume: bool = False
-    """Continue from the latest checkpoint in checkpoint_dir (start afresh if there is none)."""
+    resume: str | None = None
+    """null: start afresh; ``auto``: continue from the latest checkpoint in checkpoint_dir if
+    there is one (a requeued job); a path: continue from that checkpoint, or the latest in that
+    directory (an error if it holds none). Checkpoints are written into checkpoint_dir either
+    way; the config's hyperparameters win over the checkpoint's (README, "Resuming")."""
     progress: bool = True
     """Show a progress bar (rank 0)."""
     tensorboard: bool = False
@@ -374,6 +416,12 @@ class TrainerConfig:
         check_positive_int(self.log_every, "trainer.log_every", minimum=1, optional=False)
         check_positive_int(self.keep_last, "trainer.keep_last", minimum=1)
         check_positive_int(self.threads, "trainer.threads", minimum=1)
+        if isinstance(self.resume, bool) or str(self.resume).lower() in ("true", "false", ""):
+            raise ValueError(
+                f"Invalid trainer.resume: {self.resume!r} (expected null to start afresh, "
+                f"{RESUME_AUTO} to continue from checkpoint_dir's latest checkpoint if any, or "
+                "the path of a checkpoint or of a directory of them)"
+            )
 
 
 @dataclass
@@ -394,6 +442,9 @@ class DistributedConfig:
     """Collectives: auto, native, ring, pairwise or all_reduce (see the README)."""
     overlap_param_gather: bool = False
     """Let the next forward overlap the parameter all-gather."""
+    broadcast_buffers: bool = False
+    """Also broadcast rank 0's buffers before every training forward, as DDP does (they are
+    always broadcast before each evaluation and each save)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -402,7 +453,8 @@ class DistributedConfig:
             )
         check_positive_int(self.world_size, "distributed.world_size", minimum=1)
         check_number_range(self.timeout_s, "distributed.timeout_s", low=0.0, low_open=True)
-        ShardingOptions(**self.sharding_options())  # the optimizer's own checks, at start-up
+        check_bool(self.broadcast_buffers, "distributed.broadcast_buffers")
+        check_sharding_options(self, prefix="distributed.")  # the optimizer's, at start-up
 
     def sharding_options(self) -> dict[str, Any]:
         """The keyword arguments ShardedAdam takes for sharding."""
@@ -434,3 +486,23 @@ class TrainConfig:
                     f"{name}._target_ is missing: set it to the import path of the {name} to "
                     f"build (for example {example}, or pick a config: {name}=<name>)"
                 )
+
+
+def check_known_keys(values: dict[str, Any], schema: type = TrainConfig, where: str = "") -> None:
+    """Refuse a key of ``values`` (a composed config, as plain dicts) that ``schema`` has no
+    field for, naming the keys it has: Hydra adds any key given with ``+``, and converting to
+    the dataclasses would drop it silently, so a misspelt setting would train on the default.
+    Fields that are dataclasses are checked inside; others (``model``, ``data``, a schedule)
+    hold whatever their ``_target_`` takes."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {where}{close[0]}?)" if close else ""
+            raise ValueError(
+                f"Unknown key {where}{key}{hint}: {where.rstrip('.') or 'the config'} has "
+                f"{', '.join(fields)}"
+            )
+        factory = fields[key].default_factory
+        if factory is not dataclasses.MISSING and isinstance(value, dict):
+            check_known_keys(value, type(factory()), f"{where}{key}.")

@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .bootstrap import DistributedContext
+from .checkpoint.directory import resolve as resolve_checkpoint
+from .config import RESUME_AUTO
 
 
 def check_writable(directory: Path, setting: str) -> None:
@@ -59,29 +61,38 @@ def shared_output_dir(output_dir: Path, ctx: DistributedContext, checkpoint_dir:
     return Path(shared)
 
 
-def decide_resume(checkpoint_dir: Path, ctx: DistributedContext) -> Path | None:
+def decide_resume(source: Path, ctx: DistributedContext, required: bool = False) -> Path | None:
     """Collective: the checkpoint every rank resumes from, or None to start from step 0.
 
-    Rank 0 takes the latest published checkpoint in ``checkpoint_dir`` and every rank follows
-    (Note [rank 0 decides]): where rank 0 finds none, all start afresh, whatever the others see.
-    Every rank then checks that it can read rank 0's choice; if one cannot (a directory that
-    is not shared), or rank 0 could not look, every rank raises the same error.
+    ``source`` is a checkpoint or a directory of them (its latest published one is taken).
+    Rank 0 decides and every rank follows (Note [rank 0 decides]): where rank 0 finds none,
+    all start afresh, whatever the others see, or all raise if ``required``. Every rank then
+    checks that it can read rank 0's choice; if one cannot (a directory that is not shared),
+    or rank 0 could not look, every rank raises the same error.
     """
-    chosen = _decide_on_rank_0(ctx, lambda: _latest_published(checkpoint_dir))
+    chosen = _decide_on_rank_0(ctx, lambda: _checkpoint_in(source, required))
     if chosen is None:
         return None
     path = Path(chosen)
     _check_on_every_rank(
         ctx,
         lambda: _unreadable(path / checkpoint.MANIFEST, "rank 0 chose to resume from"),
-        f"{_SHARED_FILE_SYSTEM}, or set trainer.resume=false to start afresh",
+        f"{_SHARED_FILE_SYSTEM}, or set trainer.resume=null to start afresh",
     )
     return path
 
 
-def _latest_published(checkpoint_dir: Path) -> str | None:
-    found = checkpoint.latest(checkpoint_dir)
-    return None if found is None else str(found)
+def _checkpoint_in(source: Path, required: bool) -> str | None:
+    try:
+        return str(resolve_checkpoint(source))
+    except FileNotFoundError as missing:
+        if not required:
+            return None
+        raise FileNotFoundError(
+            f"Invalid trainer.resume: {missing}; give a checkpoint (a step-<N> directory) or "
+            f"a directory holding some, or trainer.resume={RESUME_AUTO} to continue from "
+            "trainer.checkpoint_dir's latest checkpoint where there is one"
+        ) from None
 
 
 # Note [rank 0 decides]

@@ -14,6 +14,7 @@ only module that imports Hydra: the rest of shardadam takes plain dataclasses.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -30,10 +31,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
 from .bootstrap import DistributedContext, distributed_from_env
-from .config import TrainConfig
+from .config import RESUME_AUTO, TrainConfig, check_known_keys
 from .datasets import LOSSES
+from .model_sync import broadcast_buffers, check_same_weights
 from .optimizer import ShardedAdam
 from .reporting import Reporter
+from .resume import (
+    ConfiguredHyperparameters,
+    check_state_settings,
+    config_record,
+    differences,
+    restore_rng_states,
+    resume_source,
+    rng_states,
+)
 from .startup import check_writable, decide_resume, shared_output_dir
 
 # Inside the package, so that an installed wheel has them (package data, see pyproject.toml).
@@ -44,11 +55,59 @@ ConfigStore.instance().store(name="schema", node=TrainConfig)
 OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
 
 
+def main() -> None:
+    """``shardadam-train`` and ``python -m shardadam.train``: the same start either way."""
+    # `python -m` puts the working directory first on sys.path, a console script does not:
+    # both import the user's model modules from where they run.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        _check_override_keys(sys.argv[1:])
+    except ValueError as error:
+        print(f"Error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    _run_hydra()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Hydra's entry point: the composed config as dataclasses, then ``train``."""
+def _run_hydra(cfg: DictConfig) -> float:
+    """Hydra's task: the composed config as dataclasses, then ``train``."""
+    check_known_keys(OmegaConf.to_container(cfg, resolve=False))
     config = OmegaConf.to_object(cfg)
     return train(config, Path(HydraConfig.get().runtime.output_dir))
+
+
+# Hydra's flags that take a value as the next argument (an override always has a "=").
+_FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir"}
+_FLAGS_WITH_VALUE |= {"-c", "--cfg", "-p", "--package", "-i", "--info", "--experimental-rerun"}
+
+
+def _check_override_keys(arguments: list[str]) -> None:
+    """Refuse an override of a key the schema lacks, before Hydra composes anything: Hydra
+    adds a ``+key`` without a word, and its own error for a plain one lists no known keys."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides, previous = [], ""
+    for argument in arguments:
+        takes_this = previous in _FLAGS_WITH_VALUE and "=" not in argument
+        if not takes_this and not argument.startswith("-"):
+            overrides.append(argument)
+        previous = "" if takes_this else argument
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra reports a malformed override itself, with its own words
+        return
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() or "/" in key or key.startswith("hydra."):
+            continue
+        nested: dict[str, Any] = {}
+        *parents, leaf = key.split(".")
+        level = nested
+        for part in parents:
+            level = level.setdefault(part, {})
+        level[leaf] = None
+        check_known_keys(nested)
 
 
 def train(config: TrainConfig, output_dir: Path) -> float:
@@ -90,24 +149,33 @@ class _Run:
                 f"{len(self.data.train)} samples of the training split"
             )
         self.optimizer = _build_optimizer(config, self.model)
-        _check_same_weights(self.model, ctx)
+        check_same_weights(self.model, ctx)
         self.checkpoint_dir = output_dir / self.trainer.checkpoint_dir
         self.reporter = Reporter(config, output_dir, ctx, self.data.items_per_sample)
         self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)
 
     def train(self) -> float:
         trainer, ctx = self.trainer, self.ctx
-        start = self._resume() if trainer.resume else 0
+        start = self._resume()
         self.reporter.start(start, self.model, self.optimizer)
+        broadcast_buffers(self.model, ctx)  # Note [buffers across ranks]
         losses = self.evaluate()
         self.reporter.evaluated(start, losses, first=True)
+        if start >= trainer.steps:
+            self.reporter.say(
+                f"the checkpoint is at step {start}, trainer.steps={trainer.steps}: nothing "
+                "left to train"
+            )
         self.model.train()
         for step in range(start + 1, trainer.steps + 1):
+            if self.config.distributed.broadcast_buffers:
+                broadcast_buffers(self.model, ctx)
             began = time.perf_counter()
             loss = self._train_step(step)
             loss = _global_mean(loss.detach(), ctx)
             self.reporter.stepped(step, loss, self.optimizer, time.perf_counter() - began)
             if step == trainer.steps or (trainer.eval_every and step % trainer.eval_every == 0):
+                broadcast_buffers(self.model, ctx)
                 losses = self.evaluate()
                 self.reporter.evaluated(step, losses)
             if step == trainer.steps or (
@@ -167,23 +235,54 @@ class _Run:
         return (total[0] / total[1]).item()
 
     def _resume(self) -> int:
-        """Collective: load the checkpoint rank 0 chose; the step to continue after."""
-        path = decide_resume(self.checkpoint_dir, self.ctx)
-        if path is None:
-            self.reporter.say(f"no checkpoint in {self.checkpoint_dir}: starting from step 0")
+        """Collective: load the checkpoint ``trainer.resume`` names, if any, with the config's
+        settings over the checkpoint's (Note [the resume rule]); the step to continue after."""
+        source = resume_source(self.trainer, self.checkpoint_dir)
+        if source is None:
             return 0
+        where, required = source
+        path = decide_resume(where, self.ctx, required)
+        if path is None:
+            self.reporter.say(f"no checkpoint in {where}: starting from step 0")
+            return 0
+        configured = ConfiguredHyperparameters(
+            self.optimizer, self.config.optimizer.exclude_from_weight_decay
+        )
         info = checkpoint.load(path, model=self.model, optimizer=self.optimizer)
-        torch.set_rng_state(info.extra["rng_state"])
-        self.reporter.say(f"resumed from {info.path} (saved on {info.world_size} ranks)")
+        configured.restore(self.optimizer)
+        restore_rng_states(info.extra["rng"], self.ctx.device)
+        if info.step >= self.trainer.steps and self.trainer.resume != RESUME_AUTO:
+            raise ValueError(
+                f"Invalid trainer.steps: {self.trainer.steps}, but the checkpoint {info.path} is "
+                f"at step {info.step}: nothing would be trained (set trainer.steps to more "
+                f"than {info.step})"
+            )
+        self._report_resume(info)
         return info.step
 
+    def _report_resume(self, info: checkpoint.CheckpointInfo) -> None:
+        saved = info.extra.get("config")
+        changed = {} if saved is None else differences(saved, config_record(self.config))
+        check_state_settings(changed)
+        self.reporter.say(
+            f"resumed from {info.path} at step {info.step} (saved on {info.world_size} ranks)"
+        )
+        for key, (before, now) in changed.items():
+            self.reporter.say(f"  {key}: {now!r} (the checkpoint's: {before!r})")
+        if saved is None:
+            self.reporter.say("  the checkpoint records no config: settings are the config's")
+        if self.ctx.is_main:
+            record = {"checkpoint": str(info.path), "step": info.step, "changed": changed}
+            (self.output_dir / "resumed.json").write_text(json.dumps(record, indent=1) + "\n")
+
     def _save(self, step: int) -> None:
+        broadcast_buffers(self.model, self.ctx)  # Note [buffers across ranks]
         checkpoint.save(
             self.checkpoint_dir,
             model=self.model,
             optimizer=self.optimizer,
             step=step,
-            extra={"rng_state": torch.get_rng_state()},
+            extra={"rng": rng_states(self.ctx.device), "config": config_record(self.config)},
             keep_last=self.trainer.keep_last,
         )
 
@@ -219,31 +318,17 @@ def _build_optimizer(config: TrainConfig, model: torch.nn.Module) -> ShardedAdam
     arguments = settings.keras_arguments()
     if settings.schedule is not None:
         arguments["learning_rate"] = hydra.utils.instantiate(settings.schedule, _convert_="all")
-    optimizer = ShardedAdam(
-        model.named_parameters(), **arguments, **config.distributed.sharding_options()
-    )
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no parameter with requires_grad=True: "
+            "there is nothing to train"
+        )
+    # Frozen parameters get no optimizer state (they are saved with the model all the same).
+    optimizer = ShardedAdam(trainable, **arguments, **config.distributed.sharding_options())
     if settings.exclude_from_weight_decay:
         optimizer.exclude_from_weight_decay(var_names=settings.exclude_from_weight_decay)
     return optimizer
-
-
-def _check_same_weights(model: torch.nn.Module, ctx: DistributedContext) -> None:
-    """Collective: every rank must start from rank 0's weights (ShardedAdam has already
-    checked names and shapes)."""
-    if ctx.world_size == 1:
-        return
-    with torch.no_grad():
-        total = sum(t.double().sum() for t in model.state_dict().values() if t.is_floating_point())
-        mine = torch.as_tensor(total, dtype=torch.float64, device=ctx.device).reshape(1)
-    everyone = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
-    dist.all_gather(everyone, mine)
-    differing = [r for r, t in enumerate(everyone) if not torch.equal(t, everyone[0])]
-    if differing:
-        raise RuntimeError(
-            f"rank {ctx.rank}/{ctx.world_size}: the model's initial weights differ between "
-            f"rank 0 and ranks {differing}; build the model deterministically (the app seeds "
-            "torch with trainer.seed just before building it)"
-        )
 
 
 def _set_threads(threads: int | None, ctx: DistributedContext) -> None:
