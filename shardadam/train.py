@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
 from .bootstrap import DistributedContext, distributed_from_env
+from .checkpoint.format import read_manifest
 from .config import RESUME_AUTO, TrainConfig, check_known_keys
 from .datasets import LOSSES
 from .model_sync import broadcast_buffers, check_same_weights
@@ -245,6 +246,10 @@ class _Run:
         if path is None:
             self.reporter.say(f"no checkpoint in {where}: starting from step 0")
             return 0
+        # Checked before anything changes: the checkpoint's config, from its manifest.
+        saved = read_manifest(path)["extra"].get("config")
+        changed = {} if saved is None else differences(saved, config_record(self.config))
+        check_state_settings(changed)
         configured = ConfiguredHyperparameters(
             self.optimizer, self.config.optimizer.exclude_from_weight_decay
         )
@@ -257,19 +262,18 @@ class _Run:
                 f"at step {info.step}: nothing would be trained (set trainer.steps to more "
                 f"than {info.step})"
             )
-        self._report_resume(info)
+        self._report_resume(info, changed, recorded=saved is not None)
         return info.step
 
-    def _report_resume(self, info: checkpoint.CheckpointInfo) -> None:
-        saved = info.extra.get("config")
-        changed = {} if saved is None else differences(saved, config_record(self.config))
-        check_state_settings(changed)
+    def _report_resume(
+        self, info: checkpoint.CheckpointInfo, changed: dict[str, Any], recorded: bool
+    ) -> None:
         self.reporter.say(
             f"resumed from {info.path} at step {info.step} (saved on {info.world_size} ranks)"
         )
         for key, (before, now) in changed.items():
             self.reporter.say(f"  {key}: {now!r} (the checkpoint's: {before!r})")
-        if saved is None:
+        if not recorded:
             self.reporter.say("  the checkpoint records no config: settings are the config's")
         if self.ctx.is_main:
             record = {"checkpoint": str(info.path), "step": info.step, "changed": changed}

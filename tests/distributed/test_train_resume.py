@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shardadam import startup, train
+from shardadam import model_sync, startup, train
 from shardadam.bootstrap import DistributedContext
 from shardadam.config import OptimizerConfig, TrainConfig, TrainerConfig
 
@@ -36,6 +36,7 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
 
 
 def _config(checkpoint_dir: str, resume: bool) -> TrainConfig:
+    """``resume``: continue from ``checkpoint_dir`` if it holds a checkpoint."""
     return TrainConfig(
         model={"_target_": "shardadam.models.MLPClassifier", "hidden": 8, "depth": 1},
         data={"_target_": "shardadam.datasets.teacher_classification", "n_train": 64,
@@ -43,7 +44,7 @@ def _config(checkpoint_dir: str, resume: bool) -> TrainConfig:
         optimizer=OptimizerConfig(jit_compile=False),
         trainer=TrainerConfig(
             steps=4, batch_size=8, eval_samples=16, progress=False, plot=False,
-            resume=resume, checkpoint_dir=checkpoint_dir,
+            resume="auto" if resume else None, checkpoint_dir=checkpoint_dir,
         ),
     )  # fmt: skip
 
@@ -60,6 +61,15 @@ def _app_resumes_from_a_shared_checkpoint(ctx: DistributedContext, shared: Path)
     return step, saved, loaded
 
 
+def _buffers_after_broadcast(ctx: DistributedContext) -> tuple:
+    """A BatchNorm that saw different batches on each rank, before and after the broadcast."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model(torch.randn(8, 3, generator=torch.Generator().manual_seed(ctx.rank)) + ctx.rank)
+    before = [b.clone() for b in model.buffers()]
+    model_sync.broadcast_buffers(model, ctx)
+    return before, [b.clone() for b in model.buffers()]
+
+
 def _cases(rank: int, root: Path) -> dict[str, tuple]:
     ctx = DistributedContext(rank, WORLD_SIZE, 0, torch.device("cpu"))
     shared = root / "shared"
@@ -69,6 +79,8 @@ def _cases(rank: int, root: Path) -> dict[str, tuple]:
         "no directory": lambda: startup.decide_resume(shared / "missing", ctx),
         "rank 0 only": lambda: startup.decide_resume(Path("local"), ctx),
         "rank 1 only": lambda: startup.decide_resume(Path("stale"), ctx),
+        "required, none": lambda: startup.decide_resume(shared / "none", ctx, required=True),
+        "buffers": lambda: _buffers_after_broadcast(ctx),
         "run dir shared": lambda: startup.shared_output_dir(shared / f"out{rank}", ctx, "ckpt"),
         "run dir not shared": lambda: startup.shared_output_dir(Path("out"), ctx, "ckpt"),
         "app shared": lambda: _app_resumes_from_a_shared_checkpoint(ctx, shared),
@@ -178,3 +190,19 @@ def test_the_app_resumes_every_rank_from_the_same_step(results):
 def test_the_app_refuses_on_every_rank_a_checkpoint_rank_0_alone_sees(results):
     message = _same_error_on_every_rank(results, "app rank 0 only")
     assert "rank 1/2 cannot read app_local/step-00000002/manifest.json" in message
+
+
+def test_a_required_checkpoint_that_is_not_there_is_the_same_error_on_every_rank(results):
+    outcomes = [r["required, none"] for r in results]
+    assert all(o == outcomes[0] for o in outcomes) and outcomes[0][1] == "FileNotFoundError"
+    assert "Invalid trainer.resume: no checkpoint in" in outcomes[0][2]
+    assert "trainer.resume=auto to continue" in outcomes[0][2]
+
+
+def test_broadcast_buffers_gives_every_rank_rank_0s_buffers(results):
+    (kind0, (before0, after0)), (kind1, (before1, after1)) = (r["buffers"] for r in results)
+    assert kind0 == kind1 == "ok"
+    assert not torch.equal(before0[0], before1[0])  # running means from different batches
+    for ours, theirs, rank0 in zip(after1, after0, before0, strict=True):
+        assert torch.equal(ours, rank0) and torch.equal(theirs, rank0)
+    assert int(after1[2]) == 1  # num_batches_tracked (int64) too

@@ -88,10 +88,17 @@ def test_wraps_an_existing_module_given_on_the_command_line(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["optimizer.learnin_rate=0.1"], "Key 'learnin_rate' not in 'OptimizerConfig'"),
+        (["optimizer.learnin_rate=0.1"], r"Unknown key optimizer.learnin_rate \(did you mean "
+         r"optimizer.learning_rate\?\): optimizer has learning_rate, schedule, beta_1"),
+        # Hydra itself adds a key given with "+", silently: the app must refuse it too.
+        (["+optimizer.learing_rate=0.1"], r"Unknown key optimizer.learing_rate \(did you mean"),
+        (["+trainer.step=3"], r"Unknown key trainer.step \(did you mean trainer.steps\?\)"),
         (["trainer.steps=ten"], "Value 'ten' of type 'str' could not be converted to Integer"),
         (["~model._target_"], "model._target_ is missing: set it to the import path"),
-        (["optimizer.beta_1=1.5"], r"Invalid beta_1: 1.5 \(expected 0 <= beta_1 < 1\)"),
+        (
+            ["optimizer.beta_1=1.5"],
+            r"Invalid optimizer.beta_1: 1.5 \(expected 0 <= optimizer.beta_1 < 1\)",
+        ),
         (["trainer.batch_size=0"], r"Invalid trainer.batch_size: 0 \(expected an integer >= 1\)"),
         (["trainer.batch_size=5000"], "is more than the 4096 samples of the training split"),
         (["hydra.run.dir=README.md/run"], "set hydra.run.dir to a writable directory"),
@@ -132,7 +139,7 @@ def test_resume_continues_like_the_uninterrupted_run(tmp_path):
     shutil.copytree(whole / "checkpoints" / "step-00000008", stopped / "step-00000008")
     resumed = tmp_path / "resumed"
     done, resumed_out = run_app(
-        *common, "trainer.resume=true", f"trainer.checkpoint_dir={stopped}",
+        *common, f"trainer.resume={stopped}",
         f"hydra.run.dir={resumed}",
     )  # fmt: skip
     assert done.returncode == 0, resumed_out
