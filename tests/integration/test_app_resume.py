@@ -58,7 +58,10 @@ def test_the_configs_settings_win_and_every_difference_is_reported(
     first_run, tmp_path, caplog, capsys
 ):
     source = first_run / "checkpoints" / "step-00000004"
-    config = _config(resume=str(source), learning_rate=0.002, beta_1=0.5, weight_decay=0.1)
+    config = _config(
+        resume=str(source), learning_rate=0.002, beta_1=0.5, weight_decay=0.1,
+        exclude_from_weight_decay=["bias"],
+    )  # fmt: skip
     _, out = _train(config, tmp_path / "resumed", caplog, capsys)
     steps = _metrics(tmp_path / "resumed")
     assert sorted(steps) == [5, 6, 7, 8]
@@ -68,12 +71,14 @@ def test_the_configs_settings_win_and_every_difference_is_reported(
     group = manifest["body"]["optimizer"]["param_groups"][0]
     assert group["betas"] == [0.5, 0.999] and group["weight_decay"] == 0.1
     assert manifest["body"]["optimizer"]["state"]["iterations"] == 8  # the state: continued
+    assert manifest["body"]["optimizer"]["state"]["weight_decay_patterns"] == ["bias"]
     record = json.loads((tmp_path / "resumed" / "resumed.json").read_text())
     assert record["step"] == 4 and record["checkpoint"] == str(source)
     assert record["changed"] == {
         "optimizer.learning_rate": [0.01, 0.002],
         "optimizer.beta_1": [0.9, 0.5],
         "optimizer.weight_decay": [None, 0.1],
+        "optimizer.exclude_from_weight_decay": [[], ["bias"]],
     }
     assert "optimizer.learning_rate: 0.002 (the checkpoint's: 0.01)" in out
 
