@@ -1,9 +1,12 @@
-"""What the training app shows and writes on rank 0: the progress bar, ``metrics.jsonl``,
-TensorBoard events and ``loss.png``."""
+"""What the training app shows and writes on rank 0: the progress bar, its messages (on the
+console and in Hydra's ``train.log``), ``metrics.jsonl``, TensorBoard events and ``loss.png``."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,19 @@ from .bootstrap import DistributedContext
 from .config import TrainConfig
 from .optimizer import ShardedAdam
 
+LOGGER = logging.getLogger("shardadam.train")
+"""The app's messages. On rank 0: the console once (above the progress bar) and the root
+logger's log files (Hydra's ``train.log``); on other ranks: warnings and errors, on stderr."""
+
 
 class Reporter:
-    """What rank 0 shows and writes: the progress bar, metrics.jsonl, TensorBoard, loss.png."""
+    """What rank 0 shows and writes: the progress bar, metrics.jsonl, TensorBoard, loss.png.
+
+    Messages go through ``LOGGER`` (Note [one train.log]). ``metrics.jsonl`` holds one record
+    per step and per evaluation, each step once: a run that starts from step S in a directory
+    that already has the file keeps the records before S (and step S's training record) and
+    drops the rest, which this run redoes (Note [resuming into the same directory]).
+    """
 
     def __init__(
         self, config: TrainConfig, output_dir: Path, ctx: DistributedContext, items_per_sample: int
@@ -26,17 +39,16 @@ class Reporter:
         self.history: list[dict[str, Any]] = []
         self.bar = self.metrics = self.tensorboard = None
         self.state_bytes: list[int] = []
+        route_logging(ctx, self)
 
     def say(self, text: str) -> None:
-        if not self.ctx.is_main:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
+        if self.ctx.is_main:
+            LOGGER.info(text)
 
     def start(self, start: int, model: torch.nn.Module, optimizer: ShardedAdam) -> None:
-        """Collective: gathers every rank's optimizer memory once (it does not change)."""
+        """Collective: gathers every rank's optimizer memory once (it does not change).
+
+        ``start`` is the step the run continues after (0: afresh)."""
         mine = optimizer.memory_report()["optimizer_state"]
         self.state_bytes = [mine]
         if self.ctx.world_size > 1:
@@ -44,16 +56,18 @@ class Reporter:
             dist.all_gather_object(self.state_bytes, mine)
         if not self.ctx.is_main:
             return
-        params = sum(p.numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # "parameters: N;" first: scripts and tests read the total from it.
         self.say(
-            f"ranks: {self.ctx.world_size}; parameters: {params:,}; optimizer state per rank: "
-            f"{', '.join(f'{b:,}' for b in self.state_bytes)} bytes; output: {self.output_dir}"
+            f"ranks: {self.ctx.world_size}; parameters: {total:,}; trainable: {trainable:,}; "
+            f"optimizer state per rank: {', '.join(f'{b:,}' for b in self.state_bytes)} bytes; "
+            f"output: {self.output_dir}"
         )
+        self.history = keep_records_before(self.output_dir / "metrics.jsonl", start)
         self.metrics = open(self.output_dir / "metrics.jsonl", "a")  # noqa: SIM115
         if self.trainer.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+            self._open_tensorboard(start)
         if self.trainer.progress:
             from tqdm import tqdm
 
@@ -87,15 +101,35 @@ class Reporter:
         self.say(f"held-out loss {when}: {losses['weights']:.4f}{ema}")
         self._write({"step": step, **{f"eval_loss_{k}": v for k, v in losses.items()}})
 
+    def _open_tensorboard(self, start: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        directory = self.output_dir / "tensorboard"
+        # Note [resuming into the same directory]: purge_step hides the earlier run's events
+        # from step `start` on; step start's training scalars, kept, are written again.
+        purge_step = start if directory.exists() else None
+        self.tensorboard = SummaryWriter(str(directory), purge_step=purge_step)
+        if purge_step is not None:
+            for record in self.history:
+                if record["step"] == start:
+                    self._write_scalars(record)
+
     def _write(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.metrics is not None:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
-        if self.tensorboard is not None and record["step"] % self.trainer.log_every == 0:
-            for key, value in record.items():
-                if isinstance(value, float):
-                    self.tensorboard.add_scalar(key, value, record["step"])
+        self._write_scalars(record)
+
+    def _write_scalars(self, record: dict[str, Any]) -> None:
+        """TensorBoard: every evaluation; training scalars every ``log_every`` steps."""
+        if self.tensorboard is None:
+            return
+        if is_training_record(record) and record["step"] % self.trainer.log_every:
+            return
+        for key, value in record.items():
+            if isinstance(value, float):
+                self.tensorboard.add_scalar(key, value, record["step"])
 
     def finish(self) -> None:
         if not self.ctx.is_main:
@@ -109,6 +143,101 @@ class Reporter:
         if self.trainer.plot:
             self.say(f"loss curve: {plot_losses(self.history, self.output_dir / 'loss.png')}")
         self.say(f"metrics: {self.output_dir / 'metrics.jsonl'}")
+
+
+def is_training_record(record: dict[str, Any]) -> bool:
+    """A step's record (``stepped``), not an evaluation's (``evaluated``)."""
+    return "loss" in record
+
+
+# Note [resuming into the same directory]
+# A requeued job (trainer.resume=auto) continues from its own latest checkpoint, at step S,
+# writing into the same run directory: its metrics.jsonl may hold steps past S, logged before
+# the job was killed, which the resumed run does again, and the evaluation at S, which the
+# resumed run does again first thing. Keeping the records before S and step S's training
+# record makes the file hold each step once, as if the run had never stopped. The same rule
+# covers a run from step 0 in a directory used before: it drops everything.
+
+
+def keep_records_before(path: Path, start: int) -> list[dict[str, Any]]:
+    """The records of ``path`` (a metrics.jsonl) that a run continuing after step ``start``
+    does not write again, in their order; rewrites the file to hold just them, atomically (a
+    temporary file renamed over it), where that drops anything. A missing file: none.
+
+    A line that does not parse (the last one, cut short by a killed job) is dropped too."""
+    if not path.exists():
+        return []
+    kept, dropped = [], False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (ValueError, TypeError, KeyError):
+            dropped = True
+            continue
+        if step < start or (step == start and is_training_record(record)):
+            kept.append(record)
+        else:
+            dropped = True
+    if dropped:
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(temporary, "w") as file:
+            file.writelines(json.dumps(record) + "\n" for record in kept)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    return kept
+
+
+# Note [one train.log]
+# Hydra's job logging gives the root logger a console handler and a file handler on
+# train.log, on every rank (all ranks run Hydra, all open the same train.log). The app's
+# messages (LOGGER) do not propagate to the root: on rank 0 they go to the console through
+# their own handler (the bare text, above the progress bar while it is open, so the bar stays
+# whole and nothing is printed twice) and to the root's file handlers. Other ranks drop the
+# root's file handlers, so that only rank 0 writes train.log; their LOGGER shows warnings and
+# errors on stderr, with the rank.
+
+
+class _Console(logging.Handler):
+    """Rank 0's console: the message alone, through tqdm while the reporter's bar is open;
+    warnings and errors on stderr."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        super().__init__()
+        self.reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            if self.reporter.bar is not None:
+                self.reporter.bar.write(text, file=stream)
+            else:
+                print(text, file=stream, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+def route_logging(ctx: DistributedContext, reporter: Reporter) -> None:
+    """Point ``LOGGER`` at this rank's outputs (Note [one train.log]); replaces what an earlier
+    call set up."""
+    root = logging.getLogger()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    LOGGER.propagate = False
+    if ctx.is_main:
+        LOGGER.setLevel(logging.INFO)
+        LOGGER.handlers = [_Console(reporter), *files]
+        return
+    for handler in files:
+        root.removeHandler(handler)
+        handler.close()
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setFormatter(
+        logging.Formatter(f"rank {ctx.rank}/{ctx.world_size}: %(levelname)s: %(message)s")
+    )
+    LOGGER.setLevel(logging.WARNING)
+    LOGGER.handlers = [errors]
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
