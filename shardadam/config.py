@@ -386,7 +386,8 @@ class TrainerConfig:
     eval_samples: int = 512
     """Held-out samples per evaluation (the first ones; fewer if the split is smaller)."""
     log_every: int = 10
-    """Refresh the progress bar and TensorBoard every this many steps (metrics: every step)."""
+    """Refresh the progress bar and TensorBoard's training scalars every this many steps
+    (evaluations and metrics.jsonl: always)."""
     checkpoint_every: int = 100
     """Save a checkpoint every this many steps (and at the end); 0: only at the end."""
     checkpoint_dir: str = "checkpoints"
