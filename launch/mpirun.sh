@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Train under MPI: `mpiexec -n NPROC python -m shardadam.train`; every argument is passed on as a
-# Hydra override. shardadam.bootstrap recognises the MPI launch and uses mpi4py to find the rank
-# and world size and to share a torch.distributed rendezvous (pip install 'shardadam[mpi]').
+# Train under MPI: `mpiexec -n NPROC python -m shardadam.train`; every argument is passed on to
+# it untouched (Hydra's overrides and flags: --multirun, --cfg job ...). shardadam.bootstrap
+# recognises the MPI launch and uses mpi4py to find the rank and world size and to share a
+# torch.distributed rendezvous (pip install 'shardadam[mpi]').
 #
 #   launch/mpirun.sh trainer.steps=50                  # 2 ranks on this host
 #   NPROC=4 launch/mpirun.sh optimizer.learning_rate=3e-4
@@ -15,8 +16,11 @@
 #                  that mpi4py was built against; the bootstrap refuses a mismatch.
 #   MPIEXEC_FLAGS  extra launcher flags, split on spaces (default none; e.g. Open MPI as root
 #                  needs --allow-run-as-root, several hosts need a hostfile)
-#   RUN_DIR        the Hydra run directory (default outputs/DATE/TIME, chosen here once);
-#                  an explicit hydra.run.dir=... argument wins.
+#   RUN_DIR        the run directory (default outputs/DATE/TIME, chosen here once), exported
+#                  to the ranks as SHARDADAM_RUN_DIR, which configs/config.yaml's
+#                  hydra.run.dir and hydra.sweep.dir read; an explicit hydra.run.dir=... or
+#                  hydra.sweep.dir=... argument wins. MPICH passes the environment to every
+#                  host; Open MPI only to this one: add -x SHARDADAM_RUN_DIR to MPIEXEC_FLAGS.
 set -euo pipefail
 
 PYTHON=$(command -v "${PYTHON:-python}")
@@ -27,11 +31,10 @@ if [[ -z "${MPIEXEC:-}" ]]; then
 fi
 read -r -a mpiexec_flags <<< "${MPIEXEC_FLAGS:-}"
 
-# Every rank runs Hydra, and each would pick its own timestamped directory: choose one here.
-run_dir_args=()
-if [[ " $* " != *"hydra.run.dir="* ]]; then
-    run_dir_args=("hydra.run.dir=${RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S)}")
-fi
+# Every rank runs Hydra, and each would pick its own timestamped directory: choose one here,
+# for configs/config.yaml's hydra.run.dir and hydra.sweep.dir (Hydra's arguments pass through
+# untouched: flags such as --multirun work in any order).
+export SHARDADAM_RUN_DIR="${RUN_DIR:-${SHARDADAM_RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S)}}"
 
 exec "$MPIEXEC" -n "$NPROC" "${mpiexec_flags[@]}" \
-    "$PYTHON" -m shardadam.train "${run_dir_args[@]}" "$@"
+    "$PYTHON" -m shardadam.train "$@"

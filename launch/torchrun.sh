@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train with torchrun: `python -m shardadam.train` on each rank; every argument is passed on
-# as a Hydra override.
+# to it untouched (Hydra's overrides and flags: --multirun, --cfg job, --config-dir DIR ...).
 #
 #   launch/torchrun.sh trainer.steps=50                          # 2 ranks on this node
+#   launch/torchrun.sh --multirun optimizer.learning_rate=1e-3,3e-3   # a sweep, job by job
 #   NPROC_PER_NODE=8 launch/torchrun.sh optimizer.learning_rate=3e-4
 #   # Several nodes: the same command on every node.
 #   NNODES=2 MASTER_ADDR=node0 NPROC_PER_NODE=8 \
@@ -16,9 +17,12 @@
 #                   c10d), so no NODE_RANK is needed.
 #   MASTER_PORT     its TCP port (default 29500)
 #   RDZV_ID         a name shared by the nodes of one run (default shardadam)
-#   RUN_DIR         the Hydra run directory (default outputs/DATE/TIME, chosen here once);
-#                   an explicit hydra.run.dir=... argument wins. With several nodes, give the
-#                   same RUN_DIR to all of them: each node's clock picks its own default.
+#   RUN_DIR         the run directory (default outputs/DATE/TIME, chosen here once), exported
+#                   to the ranks as SHARDADAM_RUN_DIR, which configs/config.yaml's
+#                   hydra.run.dir and hydra.sweep.dir read (a sweep's jobs go to RUN_DIR/0,
+#                   RUN_DIR/1, ...); an explicit hydra.run.dir=... or hydra.sweep.dir=...
+#                   argument wins. With several nodes, give the same RUN_DIR to all of them:
+#                   each node's clock picks its own default.
 #   PYTHON          the interpreter (default: python on PATH, e.g. the active venv's)
 set -euo pipefail
 
@@ -26,11 +30,10 @@ PYTHON=${PYTHON:-python}
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 NNODES=${NNODES:-1}
 
-# Every rank runs Hydra, and each would pick its own timestamped directory: choose one here.
-run_dir_args=()
-if [[ " $* " != *"hydra.run.dir="* ]]; then
-    run_dir_args=("hydra.run.dir=${RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S)}")
-fi
+# Every rank runs Hydra, and each would pick its own timestamped directory: choose one here,
+# for configs/config.yaml's hydra.run.dir and hydra.sweep.dir (Hydra's arguments pass through
+# untouched: flags such as --multirun work in any order).
+export SHARDADAM_RUN_DIR="${RUN_DIR:-${SHARDADAM_RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S)}}"
 
 if [[ "$NNODES" -gt 1 ]]; then
     : "${MASTER_ADDR:?set MASTER_ADDR to the address of the rendezvous node when NNODES > 1}"
@@ -45,4 +48,4 @@ else
 fi
 
 exec "$PYTHON" -m torch.distributed.run "${topology[@]}" --nproc_per_node="$NPROC_PER_NODE" \
-    -m shardadam.train "${run_dir_args[@]}" "$@"
+    -m shardadam.train "$@"

@@ -1,18 +1,21 @@
 """Starting torch.distributed from whatever launched this process.
 
-Three modes, tried in this order by :func:`distributed_from_env`:
+Four modes, tried in this order by :func:`start_process_group` (and so by
+:func:`distributed_from_env` and ``shardadam.process_group.distributed_job``):
 
 1. **torchrun** (RANK and WORLD_SIZE set): torchrun also sets LOCAL_RANK, MASTER_ADDR and
    MASTER_PORT, so the process group starts from the environment (``env://``).
 2. **MPI** (``mpiexec``/``mpirun`` of Open MPI, MPICH or Intel MPI, a PMIx launcher, or
-   Slurm's ``srun``), recognised by the variables those launchers set (see
+   ``srun --mpi=pmi2``/``pmix``), recognised by the PMI variables those launchers set (see
    :func:`detect_launch`). mpi4py, imported only then, gives the rank, the world size and the
    rank within the node; rank 0 picks a TCP rendezvous and broadcasts it over MPI, and
    torch.distributed starts from it (MPI carries nothing else). The rendezvous is
    MASTER_ADDR:MASTER_PORT where set, else 127.0.0.1 when every rank shares rank 0's host or
    rank 0's hostname's address, and a free port.
    A launch of one MPI rank runs as a single process.
-3. **A single process** otherwise: no process group; the optimizer's collectives do nothing.
+3. **Slurm's srun** without PMI variables (SLURM_STEP_ID set): srun's own variables give the
+   rank, the world size, the local rank and the host of task 0 (``shardadam.slurm``); no MPI.
+4. **A single process** otherwise: no process group; the optimizer's collectives do nothing.
 
 The backend is NCCL when CUDA is available (one GPU per rank, see :func:`select_device`) and
 gloo on the CPU otherwise, unless ``backend=`` says which.
@@ -30,6 +33,8 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from . import slurm
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -50,9 +55,9 @@ class DistributedContext:
 class LaunchInfo:
     """How this process was launched, as its environment says (no communication).
 
-    ``launcher`` is ``"torchrun"`` or ``"mpi"``; ``source`` names the variable that told, for
-    messages (``"PMI_SIZE=2"``). For MPI the numbers are hints (``None`` where the launcher
-    does not export them); MPI.COMM_WORLD has the final word.
+    ``launcher`` is ``"torchrun"``, ``"mpi"`` or ``"slurm"``; ``source`` names the variable
+    that told, for messages (``"PMI_SIZE=2"``). For MPI the numbers are hints (``None``
+    where the launcher does not export them); MPI.COMM_WORLD has the final word.
     """
 
     launcher: str
@@ -72,33 +77,40 @@ def detect_launch(environ: Mapping[str, str]) -> LaunchInfo | None:
             _env_int(environ, "WORLD_SIZE"),
             _env_int(environ, "LOCAL_RANK", default=0),
         )
-    return _detect_mpi_launch(environ)
+    return _detect_other_launch(environ)
 
 
-class _MpiEnvironment(NamedTuple):
-    """Where one MPI launcher puts the rank and the world size in each process's environment."""
+class _LauncherEnvironment(NamedTuple):
+    """Where one launcher puts the rank and the world size in each process's environment."""
 
+    launcher: str  # "mpi": mpi4py has the final word; "slurm": these variables have
     markers: tuple[str, ...]  # any of these set: this launcher started the process
     rank: str
     world_size: tuple[str, ...]  # the first one set
     local_rank: str | None
 
 
-# Most specific first: srun with --mpi=pmi2 or pmix also sets PMI_* or PMIX_*.
-_MPI_ENVIRONMENTS = (
-    _MpiEnvironment(  # Open MPI's mpirun (also under PMIx)
+# Most specific first: srun with --mpi=pmi2 or pmix also sets PMI_* or PMIX_*, and so do the
+# ranks of an mpiexec inside a Slurm job, whose SLURM_* variables describe mpiexec's own srun
+# (one task per node), not the ranks: the PMI variables win.
+_LAUNCHER_ENVIRONMENTS = (
+    _LauncherEnvironment(  # Open MPI's mpirun (also under PMIx)
+        "mpi",
         ("OMPI_COMM_WORLD_SIZE",),
         "OMPI_COMM_WORLD_RANK",
         ("OMPI_COMM_WORLD_SIZE",),
         "OMPI_COMM_WORLD_LOCAL_RANK",
     ),
-    _MpiEnvironment(  # MPICH's Hydra, Intel MPI, srun --mpi=pmi2
-        ("PMI_SIZE", "PMI_RANK"), "PMI_RANK", ("PMI_SIZE",), "MPI_LOCALRANKID"
+    _LauncherEnvironment(  # MPICH's Hydra, Intel MPI, srun --mpi=pmi2
+        "mpi", ("PMI_SIZE", "PMI_RANK"), "PMI_RANK", ("PMI_SIZE",), "MPI_LOCALRANKID"
     ),
-    _MpiEnvironment(("PMIX_RANK",), "PMIX_RANK", (), None),  # PMIx launchers: no size exported
+    _LauncherEnvironment(
+        "mpi", ("PMIX_RANK",), "PMIX_RANK", (), None
+    ),  # PMIx launchers: no size exported
     # SLURM_PROCID is also set in an sbatch script's own shell, which runs once; SLURM_STEP_ID
     # is set only inside srun, which starts the ranks.
-    _MpiEnvironment(
+    _LauncherEnvironment(
+        "slurm",
         ("SLURM_STEP_ID",),
         "SLURM_PROCID",
         ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
@@ -107,15 +119,15 @@ _MPI_ENVIRONMENTS = (
 )
 
 
-def _detect_mpi_launch(environ: Mapping[str, str]) -> LaunchInfo | None:
-    for launcher in _MPI_ENVIRONMENTS:
+def _detect_other_launch(environ: Mapping[str, str]) -> LaunchInfo | None:
+    for launcher in _LAUNCHER_ENVIRONMENTS:
         marker = next((name for name in launcher.markers if name in environ), None)
         if marker is None:
             continue
         size_key = next((name for name in launcher.world_size if name in environ), None)
         told_by = size_key or marker
         return LaunchInfo(
-            "mpi",
+            launcher.launcher,
             f"{told_by}={environ[told_by]}",
             _optional_env_int(environ, launcher.rank),
             _optional_env_int(environ, size_key),
@@ -214,29 +226,37 @@ def distributed_from_env(
     ``backend``: ``"auto"``, ``"gloo"`` or ``"nccl"``. ``expected_world_size``: if given, a
     launch with another number of ranks raises on every rank before any communication.
     """
-    _check_arguments(timeout_s, expected_world_size)
     backend = resolve_backend(backend, torch.cuda.is_available())
-    rendezvous = _find_rendezvous(detect_launch(os.environ), expected_world_size)
-    device = select_device(
-        backend, rendezvous.local_rank, rank=rendezvous.rank, world_size=rendezvous.world_size
-    )
-    context = DistributedContext(
-        rendezvous.rank, rendezvous.world_size, rendezvous.local_rank, device
-    )
-    if rendezvous.init_method is None:
+    context = start_process_group(timeout_s, backend, expected_world_size)
+    if not dist.is_initialized():  # a single process
         yield context
         return
-    dist.init_process_group(
-        backend,
-        init_method=rendezvous.init_method,
-        rank=rendezvous.rank,
-        world_size=rendezvous.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
     try:
         yield context
     finally:
         dist.destroy_process_group()
+
+
+def start_process_group(
+    timeout_s: float, backend: str, expected_world_size: int | None
+) -> DistributedContext:
+    """Collective: start the default process group for however this process was launched
+    (none for one rank); ``backend`` is ``"gloo"`` or ``"nccl"`` (see :func:`resolve_backend`).
+    The caller destroys the group."""
+    _check_arguments(timeout_s, expected_world_size)
+    rendezvous = _find_rendezvous(detect_launch(os.environ), expected_world_size)
+    device = select_device(
+        backend, rendezvous.local_rank, rank=rendezvous.rank, world_size=rendezvous.world_size
+    )
+    if rendezvous.init_method is not None:
+        dist.init_process_group(
+            backend,
+            init_method=rendezvous.init_method,
+            rank=rendezvous.rank,
+            world_size=rendezvous.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return DistributedContext(rendezvous.rank, rendezvous.world_size, rendezvous.local_rank, device)
 
 
 def _check_arguments(timeout_s: float, expected_world_size: int | None) -> None:
@@ -267,7 +287,25 @@ def _find_rendezvous(launch: LaunchInfo | None, expected_world_size: int | None)
     if launch.world_size == 1:  # `mpiexec -n 1` needs neither mpi4py nor a group
         check_world_size(1, expected_world_size, rank=0, source=launch.source)
         return _Rendezvous(0, 1, 0, None)
+    if launch.launcher == "slurm":
+        return _rendezvous_from_slurm(launch, expected_world_size)
     return _rendezvous_over_mpi(launch, expected_world_size)
+
+
+def _rendezvous_from_slurm(launch: LaunchInfo, expected_world_size: int | None) -> _Rendezvous:
+    """srun's variables only: every task computes the same endpoint (``shardadam.slurm``)."""
+    if launch.rank is None or launch.world_size is None:
+        raise RuntimeError(
+            f"srun launched this process ({launch.source}) but did not set SLURM_PROCID and "
+            "SLURM_STEP_NUM_TASKS or SLURM_NTASKS: start the ranks with srun itself"
+        )
+    where = f"rank {launch.rank}/{launch.world_size}"
+    check_world_size(launch.world_size, expected_world_size, rank=launch.rank, source=launch.source)
+    try:
+        init_method = slurm.rendezvous_endpoint(os.environ)
+    except (RuntimeError, ValueError) as error:
+        raise type(error)(f"{where}: {error}") from None
+    return _Rendezvous(launch.rank, launch.world_size, launch.local_rank or 0, init_method)
 
 
 def _rendezvous_over_mpi(launch: LaunchInfo, expected_world_size: int | None) -> _Rendezvous:
@@ -299,7 +337,8 @@ def _import_mpi(launch: LaunchInfo):
     except ImportError as error:
         raise RuntimeError(
             f"launched under MPI ({launch.source}) but mpi4py is not installed: "
-            "pip install 'shardadam[mpi]', or launch with torchrun"
+            "pip install 'shardadam[mpi]', or launch with torchrun (or, under Slurm, with "
+            "srun --mpi=none: srun's own variables need no MPI)"
         ) from error
     return MPI
 

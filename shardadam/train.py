@@ -30,12 +30,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
-from .bootstrap import DistributedContext, distributed_from_env
+from .bootstrap import DistributedContext
 from .checkpoint.format import read_manifest
 from .config import RESUME_AUTO, TrainConfig, check_known_keys
 from .datasets import LOSSES
 from .model_sync import broadcast_buffers, check_same_weights
 from .optimizer import ShardedAdam
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionSignals
+from .process_group import distributed_job
 from .reporting import Reporter
 from .resume import (
     ConfiguredHyperparameters,
@@ -112,16 +114,23 @@ def _check_override_keys(arguments: list[str]) -> None:
 
 
 def train(config: TrainConfig, output_dir: Path) -> float:
-    """Train on every rank; returns the final held-out loss (of the EMA weights if kept)."""
+    """Train on every rank; returns the final held-out loss (of the EMA weights if kept).
+
+    The jobs of a sweep share one process group (Note [one process group per process]). On
+    SIGUSR1 or SIGTERM the run saves a checkpoint and exits with PREEMPTED_EXIT_CODE
+    (``shardadam.preemption``)."""
     distributed = config.distributed
-    with distributed_from_env(
-        backend=distributed.backend,
-        expected_world_size=distributed.world_size,
-        timeout_s=distributed.timeout_s,
-    ) as ctx:
+    with (
+        distributed_job(
+            backend=distributed.backend,
+            expected_world_size=distributed.world_size,
+            timeout_s=distributed.timeout_s,
+        ) as ctx,
+        PreemptionSignals(ctx) as preemption,
+    ):
         _set_threads(config.trainer.threads, ctx)
         output_dir = shared_output_dir(output_dir, ctx, config.trainer.checkpoint_dir)
-        return _Run(config, output_dir, ctx).train()
+        return _Run(config, output_dir, ctx).train(preemption)
 
 
 class _Run:
@@ -155,7 +164,7 @@ class _Run:
         self.reporter = Reporter(config, output_dir, ctx, self.data.items_per_sample)
         self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)
 
-    def train(self) -> float:
+    def train(self, preemption: PreemptionSignals | None = None) -> float:
         trainer, ctx = self.trainer, self.ctx
         start = self._resume()
         self.reporter.start(start, self.model, self.optimizer)
@@ -179,10 +188,17 @@ class _Run:
                 broadcast_buffers(self.model, ctx)
                 losses = self.evaluate()
                 self.reporter.evaluated(step, losses)
-            if step == trainer.steps or (
+            saved = step == trainer.steps or (
                 trainer.checkpoint_every and step % trainer.checkpoint_every == 0
-            ):
+            )
+            if saved:
                 self._save(step)
+            if preemption is not None and step < trainer.steps and preemption.requested():
+                if not saved:
+                    self._save(step)
+                self.reporter.say(preemption.stopping(step, self.checkpoint_dir))
+                self.reporter.finish()
+                raise SystemExit(PREEMPTED_EXIT_CODE)
         self.reporter.finish()
         return losses.get("ema", losses["weights"])
 

@@ -152,64 +152,7 @@ def test_resume_continues_like_the_uninterrupted_run(tmp_path):
     assert held_out_losses(resumed_out)[-1] == held_out_losses(out)[-1]
 
 
-TORCHRUN = [str(REPO / "launch" / "torchrun.sh")]
-MPIRUN = [str(REPO / "launch" / "mpirun.sh")]
-LAUNCH_ENV = {"PYTHON": sys.executable}
-
-
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_torchrun_script_trains_the_default_model(tmp_path, ranks):
-    run_dir = tmp_path / "run"
-    done, out = run_app(
-        "trainer.steps=30", "trainer.eval_every=0", "trainer.eval_samples=64",
-        f"hydra.run.dir={run_dir}",
-        launcher=TORCHRUN, env={**LAUNCH_ENV, "NPROC_PER_NODE": str(ranks)},
-    )  # fmt: skip
-    assert done.returncode == 0, out
-    assert f"ranks: {ranks};" in out
-    first, last = held_out_losses(out)[0], held_out_losses(out)[-1]
-    assert last < 0.7 * first, out  # bytes: ln 256 = 5.5 at the start
-    state_bytes = [m for m in metrics(run_dir) if "loss" in m][0]["optimizer_state_bytes_per_rank"]
-    assert len(state_bytes) == ranks
-    steps = checkpoint.published(run_dir / "checkpoints")
-    assert [s for s, _ in steps] == [30]
-    manifest = json.loads((steps[0][1] / "manifest.json").read_text())
-    assert manifest["body"]["world_size"] == ranks
-
-
-@pytest.mark.mpi
-def test_mpirun_script_trains_on_two_ranks(tmp_path):
-    pytest.importorskip("mpi4py")
-    if shutil.which("mpiexec", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("no mpiexec next to this Python (pip install 'shardadam[mpi]')")
-    done, out = run_app(
-        *MLP, "trainer.steps=40", f"hydra.run.dir={tmp_path / 'run'}",
-        launcher=MPIRUN, env={**LAUNCH_ENV, "NPROC": "2"},
-    )  # fmt: skip
-    assert done.returncode == 0, out
-    assert "ranks: 2;" in out
-    first, last = held_out_losses(out)[0], held_out_losses(out)[-1]
-    assert last < 0.8 * first, out
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["distributed.world_size=3"], "launched with 2 ranks .* but distributed.world_size=3"),
-        (
-            ["model._target_=tests.integration.app_models.RankDependentMLP"],
-            r"rank [01]/2: .*parameter 'hidden.weight' has shape \(65, 16\)",
-        ),
-    ],
-)
-def test_two_rank_launch_errors_fail_on_every_rank(tmp_path, overrides, message):
-    done, out = run_app(
-        *MLP, f"hydra.run.dir={tmp_path / 'run'}", *overrides,
-        launcher=TORCHRUN, env=LAUNCH_ENV,
-    )  # fmt: skip
-    assert done.returncode != 0
-    assert re.search(message, out), out
-    assert "held-out loss" not in out
+# The launch scripts (launch/): tests/integration/test_launch_scripts.py.
 
 
 def test_console_script_composes_the_config():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardadam import bootstrap
+from shardadam import bootstrap, process_group, slurm
 from shardadam.bootstrap import (
     LaunchInfo,
     check_world_size,
@@ -37,6 +37,12 @@ LAUNCH_VARIABLES = (
     "SLURM_STEP_NUM_TASKS",
     "SLURM_NTASKS",
     "SLURM_LOCALID",
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "MASTER_ADDR",
+    "MASTER_PORT",
 )
 
 
@@ -108,12 +114,12 @@ def free_port() -> int:
                 "SLURM_NTASKS": "16",
                 "SLURM_LOCALID": "2",
             },
-            LaunchInfo("mpi", "SLURM_STEP_NUM_TASKS=8", 6, 8, 2),
+            LaunchInfo("slurm", "SLURM_STEP_NUM_TASKS=8", 6, 8, 2),
             id="srun",
         ),
         pytest.param(
             {"SLURM_STEP_ID": "1", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"},
-            LaunchInfo("mpi", "SLURM_NTASKS=2", 1, 2, None),
+            LaunchInfo("slurm", "SLURM_NTASKS=2", 1, 2, None),
             id="srun-ntasks-only",
         ),
         pytest.param(  # srun --mpi=pmi2: the PMI variables are read first, with the same answer
@@ -340,3 +346,148 @@ def test_mpi4py_of_another_mpi_is_refused_not_run_as_separate_jobs(no_launch):
     with pytest.raises(RuntimeError, match=message):
         with distributed_from_env(backend="gloo"):
             pass
+
+
+# --- Slurm: srun's own variables, no MPI -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hostlist, hosts",
+    [
+        ("node7", ["node7"]),
+        ("gpu[01-04,07],cpu3", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07", "cpu3"]),
+        ("n[8-11]", ["n8", "n9", "n10", "n11"]),  # no padding: the numbers grow a digit
+        ("a[098-101]", ["a098", "a099", "a100", "a101"]),
+        ("rack[1-2]-n[1,3]", ["rack1-n1", "rack1-n3", "rack2-n1", "rack2-n3"]),
+        ("x[5],y-z.example.org", ["x5", "y-z.example.org"]),
+    ],
+)
+def test_expand_hostlist_reads_slurms_compressed_form(hostlist, hosts):
+    assert slurm.expand_hostlist(hostlist) == hosts
+
+
+@pytest.mark.parametrize(
+    "hostlist, why",
+    [
+        ("gpu[01-04", "a '\\[' is not closed"),
+        ("gpu01-04]", "unbalanced or nested brackets"),
+        ("gpu[0[1]]", "unbalanced or nested brackets"),
+        ("gpu[04-01]", "the range '04-01' runs backwards"),
+        ("gpu[a-b]", "'a-b' in brackets is not a number or a range"),
+        ("gpu1,,gpu2", "an empty host name"),
+    ],
+)
+def test_expand_hostlist_names_the_variable_and_the_fault(hostlist, why):
+    with pytest.raises(ValueError, match=rf"Invalid SLURM_STEP_NODELIST='.*': {why} \(expected"):
+        slurm.expand_hostlist(hostlist, "SLURM_STEP_NODELIST")
+
+
+def test_rendezvous_port_is_unprivileged_below_the_ephemeral_range_and_differs_per_step():
+    ports = {slurm.rendezvous_port(job, step) for job in (1, 77, 123456789) for step in (0, 1)}
+    assert len(ports) == 6 and all(20000 <= port < 30000 for port in ports)
+    assert slurm.rendezvous_port(77, 0) == slurm.rendezvous_port(77, 0)  # a requeued job's
+
+
+SRUN_TASK_1_OF_2 = {
+    "SLURM_JOB_ID": "77",
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "1",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_LOCALID": "0",
+    "SLURM_STEP_NODELIST": "gpu[03-04]",
+    "SLURM_JOB_NODELIST": "gpu[01-04]",
+}
+
+
+def test_srun_without_pmi_needs_no_mpi4py_and_meets_on_the_steps_first_host(no_launch):
+    no_launch.setitem(sys.modules, "mpi4py", None)  # any import of mpi4py now fails
+    for name, value in SRUN_TASK_1_OF_2.items():
+        no_launch.setenv(name, value)
+    rendezvous = bootstrap._find_rendezvous(detect_launch(bootstrap.os.environ), 2)
+    port = slurm.rendezvous_port(77, 0)
+    assert rendezvous == bootstrap._Rendezvous(1, 2, 0, f"tcp://gpu03:{port}")
+    no_launch.setenv("MASTER_ADDR", "10.1.2.3")
+    no_launch.setenv("MASTER_PORT", "29511")
+    assert bootstrap._find_rendezvous(detect_launch(bootstrap.os.environ), None).init_method == (
+        "tcp://10.1.2.3:29511"
+    )
+
+
+def test_srun_launch_errors_name_the_rank_and_the_fix(no_launch):
+    for name, value in SRUN_TASK_1_OF_2.items():
+        no_launch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=r"launched with 2 ranks \(SLURM_STEP_NUM_TASKS=2\)"):
+        bootstrap._find_rendezvous(detect_launch(bootstrap.os.environ), 4)
+    no_launch.delenv("SLURM_STEP_NODELIST")
+    no_launch.delenv("SLURM_JOB_NODELIST")
+    with pytest.raises(RuntimeError, match=r"rank 1/2: srun .* set MASTER_ADDR to the host of"):
+        bootstrap._find_rendezvous(detect_launch(bootstrap.os.environ), None)
+    no_launch.setenv("SLURM_STEP_NODELIST", "gpu[03")
+    with pytest.raises(ValueError, match=r"rank 1/2: Invalid SLURM_STEP_NODELIST='gpu\[03'"):
+        bootstrap._find_rendezvous(detect_launch(bootstrap.os.environ), None)
+
+
+def test_srun_with_pmi_variables_keeps_the_mpi_path_and_says_how_to_avoid_it(no_launch):
+    no_launch.setitem(sys.modules, "mpi4py", None)
+    for name, value in {**SRUN_TASK_1_OF_2, "PMIX_RANK": "1"}.items():
+        no_launch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=r"\(PMIX_RANK=1\) .* srun --mpi=none"):
+        with distributed_from_env(backend="gloo"):
+            pass
+
+
+# --- one process group for all the jobs of a process ------------------------------------
+
+
+@pytest.fixture
+def fresh_process_group(no_launch):
+    no_launch.setattr(process_group, "_kept", None)  # this test's jobs start their own
+    no_launch.setattr(process_group.atexit, "register", lambda function: None)
+    return no_launch
+
+
+def one_rank_torchrun(monkeypatch):
+    for name, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_later_jobs_reuse_the_first_jobs_group_until_one_fails(fresh_process_group):
+    one_rank_torchrun(fresh_process_group)
+    with process_group.distributed_job(timeout_s=30.0, backend="gloo") as first:
+        group = dist.group.WORLD
+    fresh_process_group.setenv("MASTER_PORT", "1")  # a new rendezvous would fail: none is made
+    with process_group.distributed_job(timeout_s=30.0, backend="gloo") as second:
+        assert second is first and dist.group.WORLD is group
+    with pytest.raises(KeyError):
+        with process_group.distributed_job(timeout_s=30.0, backend="gloo"):
+            raise KeyError("a job's own failure")
+    assert not dist.is_initialized()  # the other ranks' collectives now fail at once
+    with pytest.raises(RuntimeError, match=r"rank 0/1: an earlier job .*KeyError.*launch the"):
+        with process_group.distributed_job(timeout_s=30.0, backend="gloo"):
+            pass
+
+
+def test_a_job_with_other_distributed_settings_is_refused(fresh_process_group):
+    one_rank_torchrun(fresh_process_group)
+    with process_group.distributed_job(backend="gloo", expected_world_size=1):
+        pass
+    message = r"distributed.timeout_s=5.0 here, but .* started with 600.0: .*separate launches"
+    try:
+        with pytest.raises(RuntimeError, match=message):
+            with process_group.distributed_job(5.0, backend="gloo", expected_world_size=1):
+                pass
+    finally:
+        process_group._destroy_kept_group()
+
+
+def test_a_single_process_keeps_nothing_and_may_change_its_settings(fresh_process_group):
+    with process_group.distributed_job(backend="gloo", expected_world_size=1) as ctx:
+        assert ctx.world_size == 1 and not dist.is_initialized()
+    with process_group.distributed_job(timeout_s=5.0, backend="gloo") as ctx:
+        assert ctx.world_size == 1 and process_group._kept is None
