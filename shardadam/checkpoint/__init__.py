@@ -59,14 +59,18 @@ Note [agree before acting]
     read and checked all it needs.
 
 The modules: ``saving`` and ``loading`` (the two collectives), ``format`` (the manifest, the
-records and the errors), ``directory`` (finding, publishing, re-saving and removing
-checkpoints in a root), ``fs`` (the file-system operations of a save: Note [crash points]),
-``collective`` (Note [agree before acting]) and ``names`` (parameters by name).
+records and the errors), ``extra`` (Note [extra's encoding]: tuples, tensors and numpy arrays
+in ``extra``), ``reading`` (a checkpoint read in one process without a model: its weights or
+their EMA as a plain state dict, for ``shardadam.export``, and its ``extra``), ``directory``
+(finding, publishing, re-saving and removing checkpoints in a root), ``fs`` (the file-system
+operations of a save: Note [crash points]), ``collective`` (Note [agree before acting]) and
+``names`` (parameters by name).
 """
 
 from .directory import checkpoint_path, latest, published
 from .format import FORMAT, MANIFEST, VERSION, CheckpointError, CheckpointInfo
 from .loading import load
+from .reading import read_extra, read_weights
 from .saving import save
 
 # The public names, where the public import path says (tracebacks, pickles).
@@ -82,5 +86,7 @@ __all__ = [
     "latest",
     "load",
     "published",
+    "read_extra",
+    "read_weights",
     "save",
 ]

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 FORMAT = "shardadam.checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: tuples and numpy arrays in ``extra`` (Note [extra's encoding]); 1 reads as before."""
 MANIFEST = "manifest.json"
 _RANK_FILE = re.compile(r"rank-(\d{5})\.bin")
-_TENSOR_REF = "__shardadam_tensor__"
 _DTYPES = {
     str(dtype).removeprefix("torch."): dtype
     for dtype in (
@@ -50,6 +50,12 @@ class CheckpointInfo:
     world_size: int
     """The world size the checkpoint was saved at."""
     extra: dict[str, Any]
+    missing_keys: tuple[str, ...] = ()
+    """``load(strict=False)``: the model's keys the checkpoint lacks, left as they were."""
+    unexpected_keys: tuple[str, ...] = ()
+    """``load(strict=False)``: the checkpoint's model keys that this model lacks, not loaded."""
+    mismatched_keys: tuple[str, ...] = ()
+    """``load(strict=False)``: the keys of another shape in the checkpoint, left as they were."""
 
 
 class Reader:
@@ -81,14 +87,20 @@ class Reader:
     def numel(self, key: str) -> int:
         return math.prod(self.tensors[key]["shape"])
 
+    def dtype(self, key: str) -> torch.dtype:
+        dtype = _DTYPES.get(self.tensors[key]["dtype"])
+        if dtype is None:
+            raise CheckpointError(
+                f"tensor {key!r} has an unknown dtype {self.tensors[key]['dtype']!r}"
+            )
+        return dtype
+
     def read(self, key: str, start: int = 0, end: int | None = None) -> Tensor:
         """Elements [start, end) of the flattened tensor ``key`` (all by default), 1-D."""
         meta = self.tensors.get(key)
         if meta is None:
             raise CheckpointError(f"the checkpoint has no tensor {key!r}")
-        dtype = _DTYPES.get(meta["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"tensor {key!r} has an unknown dtype {meta['dtype']!r}")
+        dtype = self.dtype(key)
         end = self.numel(key) if end is None else end
         out = torch.empty(end - start, dtype=dtype)
         covered = 0
@@ -194,36 +206,3 @@ def json_value(value: Any, where: str) -> Any:
         f"{where} is a {type(value).__name__}; a checkpoint stores JSON values (numbers, "
         "strings, lists, dicts) and 0-d tensors there"
     )
-
-
-def encode_extra(value: Any, path: str, tensors: dict[str, Tensor]) -> Any:
-    """JSON for ``extra``, tensors replaced by references to the tensors they are saved as."""
-    if isinstance(value, Tensor):
-        tensors[path] = value
-        return {_TENSOR_REF: path}
-    if isinstance(value, dict):
-        for key in value:
-            if not isinstance(key, str) or "/" in key or key == _TENSOR_REF:
-                raise TypeError(
-                    f"{path} has the key {key!r}; extra's keys must be strings without '/'"
-                )
-        return {key: encode_extra(v, f"{path}/{key}", tensors) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [encode_extra(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(
-        f"{path} is a {type(value).__name__}; extra holds JSON values (numbers, strings, lists, "
-        "dicts) and tensors"
-    )
-
-
-def decode_extra(value: Any, reader: Reader) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {_TENSOR_REF}:
-            key = value[_TENSOR_REF]
-            return reader.read(key).view(reader.tensors[key]["shape"])
-        return {key: decode_extra(v, reader) for key, v in value.items()}
-    if isinstance(value, list):
-        return [decode_extra(v, reader) for v in value]
-    return value

@@ -14,7 +14,8 @@ from .. import comm
 from ..optimizer import ACCUMULATOR, OWNED_RANGE, SHARDED_KINDS, ShardedAdam
 from .collective import communicator, everywhere
 from .directory import resolve
-from .format import CheckpointError, CheckpointInfo, Reader, decode_extra, read_manifest
+from .extra import decode_extra
+from .format import CheckpointError, CheckpointInfo, Reader, read_manifest
 from .names import check_same_names, param_names, params_of, preview
 
 
@@ -24,6 +25,7 @@ def load(
     model: torch.nn.Module | None = None,
     optimizer: ShardedAdam | None = None,
     process_group: object | None = None,
+    strict: bool = True,
 ) -> CheckpointInfo:
     """Collective: restore ``model`` and ``optimizer`` from a checkpoint saved at any world
     size; ``path`` is a checkpoint or a directory of them (the highest step is taken).
@@ -32,9 +34,23 @@ def load(
     every rank succeeded do the model and optimizer change (Note [agree before acting]). The
     optimizer takes the saved hyperparameters, counters and state, as ``load_state_dict``
     does; pass the model too, so that parameters are restored (each rank reads its own part).
+
+    ``strict=False`` (the model only) is for fine-tuning from a checkpoint of another model,
+    such as one with another head: the model's tensors whose names and shapes match the
+    checkpoint's are loaded, the others are left as they are and listed in the returned
+    ``missing_keys`` (not in the checkpoint), ``unexpected_keys`` (only in the checkpoint) and
+    ``mismatched_keys`` (another shape there).
     """
     if model is None and optimizer is None:
         raise ValueError("load() needs model=, optimizer= or both")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+    if not strict and optimizer is not None:
+        raise ValueError(
+            "load(strict=False) loads a model only: an optimizer over other parameters cannot "
+            "take the saved state. Call load(path, model=model, strict=False) and build a fresh "
+            "optimizer over the model afterwards"
+        )
     channel = communicator(optimizer, process_group)
     directory = Path(
         everywhere(channel, lambda: str(resolve(Path(path))) if channel.rank == 0 else None)[0]
@@ -43,12 +59,20 @@ def load(
 
     def read() -> None:
         nonlocal loaded
-        loaded = _Loaded.read(directory, model, optimizer, channel)
+        loaded = _Loaded.read(directory, model, optimizer, channel, strict)
 
     everywhere(channel, read)
     loaded.apply(model, optimizer)
     body = loaded.body
-    return CheckpointInfo(directory, body["step"], body["world_size"], loaded.extra)
+    return CheckpointInfo(
+        directory,
+        body["step"],
+        body["world_size"],
+        loaded.extra,
+        missing_keys=loaded.missing_keys,
+        unexpected_keys=loaded.unexpected_keys,
+        mismatched_keys=loaded.mismatched_keys,
+    )
 
 
 @dataclasses.dataclass
@@ -60,6 +84,9 @@ class _Loaded:
     model_tensors: dict[str, Tensor]
     optimizer_state: dict[str, Any] | None
     extra: dict[str, Any]
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+    mismatched_keys: tuple[str, ...] = ()
 
     @classmethod
     def read(
@@ -68,30 +95,45 @@ class _Loaded:
         model: torch.nn.Module | None,
         optimizer: ShardedAdam | None,
         channel: comm.Communicator,
+        strict: bool,
     ) -> _Loaded:
         body = read_manifest(directory)
         with Reader(directory, body) as reader:
             loaded = cls(body, [], {}, None, decode_extra(body["extra"], reader))
             if model is not None:
-                loaded._read_model(reader, model, optimizer)
+                loaded._read_model(reader, model, optimizer, strict)
             if optimizer is not None:
                 loaded.optimizer_state = _read_optimizer(reader, body, optimizer, model, channel)
                 optimizer.check_state_dict(loaded.optimizer_state)
         return loaded
 
     def _read_model(
-        self, reader: Reader, model: torch.nn.Module, optimizer: ShardedAdam | None
+        self,
+        reader: Reader,
+        model: torch.nn.Module,
+        optimizer: ShardedAdam | None,
+        strict: bool,
     ) -> None:
         saved = self.body["model"]
         if saved is None:
             raise CheckpointError("the checkpoint holds no model (it was saved with model=None)")
         aliases = saved["aliases"]
         here = model.state_dict(keep_vars=True)
-        check_same_names("the model's state_dict keys", list(here), saved["keys"] + list(aliases))
+        saved_keys = set(saved["keys"]) | set(aliases)
+        if strict:
+            check_same_names("the model's state_dict keys", list(here), sorted(saved_keys))
+        self.missing_keys = tuple(sorted(set(here) - saved_keys))
+        self.unexpected_keys = tuple(sorted(saved_keys - set(here)))
+        mismatched = []
         optimized = {id(p) for p in params_of(optimizer)}
         seen = set()
         for key, tensor in here.items():
             stored = f"model/{aliases.get(key, key)}"
+            if key not in saved_keys:  # strict=False: a missing key
+                continue
+            if not strict and tuple(reader.tensors[stored]["shape"]) != tuple(tensor.shape):
+                mismatched.append(key)
+                continue
             _check_shape(reader, stored, key, tensor.shape)
             if id(tensor) in seen:
                 continue
@@ -103,6 +145,7 @@ class _Loaded:
             owned = optimizer.owned_range(tensor)
             if owned is not None:
                 self.param_pieces.append((tensor, owned, reader.read(stored, *owned)))
+        self.mismatched_keys = tuple(sorted(mismatched))
 
     def apply(self, model: torch.nn.Module | None, optimizer: ShardedAdam | None) -> None:
         """Collective when sharded (the optimizer gathers the parameters)."""

@@ -18,7 +18,8 @@ from ..optimizer import ACCUMULATOR, OWNED_RANGE, SHARDED_KINDS, ShardedAdam
 from . import fs
 from .collective import communicator, everywhere
 from .directory import publish, start_partial
-from .format import FORMAT, MANIFEST, VERSION, encode_extra, json_crc, json_value, raw_bytes
+from .extra import encode_extra
+from .format import FORMAT, MANIFEST, VERSION, json_crc, json_value, raw_bytes
 from .names import param_names, params_of
 
 
@@ -36,11 +37,12 @@ def save(
 
     Every rank writes its own file in parallel; the checkpoint appears (atomically) only once
     all are written and flushed (Note [atomic publication]). ``step`` defaults to
-    ``optimizer.iterations``. ``extra`` (rank 0's) is a dict of JSON values and tensors,
-    returned by ``load``; tuples come back as lists. ``keep_last=K`` then removes all but the
-    K checkpoints with the highest steps (never the one just saved); None keeps all. A save at
-    a step that was already saved replaces it, the old copy staying loadable until the new one
-    is complete (Note [re-saving a step]). The directory must be one every rank sees.
+    ``optimizer.iterations``. ``extra`` (rank 0's) is a dict of JSON values, tuples, tensors
+    and numpy arrays (RNG states: Note [extra's encoding]), returned by ``load`` as it was
+    given. ``keep_last=K`` then removes all but the K checkpoints with the highest steps
+    (never the one just saved); None keeps all. A save at a step that was already saved
+    replaces it, the old copy staying loadable until the new one is complete (Note [re-saving
+    a step]). The directory must be one every rank sees.
     """
     channel = communicator(optimizer, process_group)
     root = Path(path)

@@ -207,3 +207,24 @@ def save_and_load_per_rank_buffers(rank: int, world_size: int, root: str) -> dic
             checkpoint.load(root / kind, model=fresh)
         loaded[kind] = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
     return {"saved": saved, "loaded": loaded}
+
+
+EXPORTED = ("groups+amsgrad+ema", "bf16+ema")
+
+
+def save_for_export(rank: int, world_size: int, root: str) -> dict:
+    """Train with an EMA (fp32, and bf16 with fp32 masters) and save; the weights, the EMA
+    swapped in, and each parameter's moving_average(), to compare an export with."""
+    from shardadam import checkpoint
+    from shardadam.export import plain_state_dict
+
+    results = {}
+    for config in EXPORTED:
+        model, opt = make(config)
+        train(model, opt, rank, world_size, 0, CONFIGS[config]["saved_at"])
+        checkpoint.save(Path(root) / "export" / config, model=model, optimizer=opt)
+        with opt.swap_moving_averages():
+            swapped = plain_state_dict(model)
+        averages = {name: opt.moving_average(p) for name, p in model.named_parameters()}
+        results[config] = {"weights": plain_state_dict(model), "ema": swapped, "averages": averages}
+    return results

@@ -32,6 +32,7 @@ def _at_save_world_size(rank: int, world_size: int, root: str) -> dict:
         },
         "corrupt": cases.load_corrupt_on_one_rank(rank, world_size, root),
         "buffers": cases.save_and_load_per_rank_buffers(rank, world_size, root),
+        "export": cases.save_for_export(rank, world_size, root),
     }
 
 
@@ -51,6 +52,7 @@ def _results(root: Path) -> dict:
         "resumed": resumed,
         "corrupt": [r["corrupt"] for r in ranks],
         "buffers": [r["buffers"] for r in ranks],
+        "export": ranks[0]["export"],
     }
 
 
@@ -129,3 +131,30 @@ def test_tensors_not_optimized_come_whole_from_rank_0(root, kind):
             assert torch.equal(loaded[key], rank_0[key]), f"rank {rank}: {key} {kind}"
         for key in rank_0.keys() - set(differ):  # optimized parameters: the same on all ranks
             assert torch.equal(loaded[key], result["saved"][key]), f"rank {rank}: {key} {kind}"
+
+
+@pytest.mark.parametrize("config", cases.EXPORTED)
+def test_exported_weights_and_ema_are_the_trained_ones(root, tmp_path, config):
+    """Saved on 2 ranks, exported in this one process: the weights are rank 0's state_dict,
+    the EMA is the optimizer's (swapped in, and each parameter's moving_average() in the
+    parameter's dtype), and a fresh model takes either with strict=True."""
+    import safetensors.torch
+
+    from shardadam.export import export_weights
+
+    want = _results(root)["export"][config]
+    saved = root / "export" / config
+    got = {
+        "weights": safetensors.torch.load_file(export_weights(saved, tmp_path / "w.safetensors")),
+        "ema": torch.load(export_weights(saved, tmp_path / "ema.pt", ema=True), weights_only=True),
+    }
+    for kind in ("weights", "ema"):
+        assert got[kind].keys() == want[kind].keys(), kind
+        for key, tensor in want[kind].items():
+            assert got[kind][key].dtype == tensor.dtype, f"{kind} {key}"
+            assert torch.equal(got[kind][key], tensor), f"{kind} {key}"
+        cases.make(config)[0].load_state_dict(got[kind], strict=True)
+    for name, average in want["averages"].items():
+        assert torch.equal(got["ema"][name], average.to(got["ema"][name].dtype)), name
+        assert not torch.equal(got["ema"][name], got["weights"][name]), name
+    assert torch.equal(got["ema"]["input_scale"], want["weights"]["input_scale"])  # a buffer

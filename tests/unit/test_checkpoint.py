@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 import re
 import shutil
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,7 +71,7 @@ def test_round_trip_continues_bit_identically(tmp_path):
     info = checkpoint.load(tmp_path, model=resumed_model, optimizer=resumed_opt)
     assert (info.path, info.step, info.world_size) == (path, 3, 1)
     assert torch.equal(info.extra["rng"], rng)
-    assert info.extra["epoch"] == 2 and info.extra["pair"] == [1, "a"]
+    assert info.extra["epoch"] == 2 and info.extra["pair"] == (1, "a")  # a tuple, not a list
     assert torch.equal(info.extra["nested"]["w"], torch.ones(2, 2))
     assert resumed_opt.iterations == 3
     assert_same(state_of(resumed_model, resumed_opt), state_of(model, opt))
@@ -214,6 +216,8 @@ def test_refuses_missing_and_unpublished_checkpoints(saved, tmp_path):
         ({"step": 1.5}, ValueError, "Invalid step: 1.5"),
         ({"keep_last": 0}, ValueError, r"Invalid keep_last: 0 \(expected an int >= 1 or None\)"),
         ({"extra": {"f": print}}, TypeError, "extra/f is a builtin_function_or_method"),
+        ({"extra": {"a": {"__shardadam_tuple__": 1}}}, TypeError, "extra/a has the key"),
+        ({"extra": {"o": np.array([None])}}, TypeError, "extra/o is a numpy array of dtype obj"),
         ({"extra": [1]}, TypeError, "extra must be a dict or None"),
         ({"model": None, "optimizer": None}, ValueError, "needs model=, optimizer= or both"),
     ],
@@ -274,3 +278,104 @@ def test_refuses_a_manifest_with_an_invalid_world_size(saved):
 
     _rewrite_manifest(checkpoint.latest(saved), break_it)
     _refused(saved, r"records an invalid world_size '1'")
+
+
+def test_extra_round_trips_rng_states(tmp_path):
+    """Python's and numpy's RNG states come back as the types their setters take, and set
+    again they draw what the saved generators would have drawn next."""
+    random.seed(1)
+    np.random.seed(2)
+    pcg, mt = np.random.default_rng(3), np.random.Generator(np.random.MT19937(4))
+    extra = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "pcg64": pcg.bit_generator.state,  # 128-bit integers
+        "mt19937": mt.bit_generator.state,  # a uint32 array inside a dict
+        "cuda": [torch.get_rng_state(), torch.get_rng_state()],  # as get_rng_state_all()
+        "numbers": np.arange(6, dtype=">i2").reshape(2, 3),  # big-endian: read back the same
+        "counter": np.uint64(2**63 + 5),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+    }
+    mt_key = extra["mt19937"]["state"]["key"]
+    expected = [random.random(), np.random.rand(), pcg.random(), mt.integers(1 << 30)]
+    model, _ = make()
+    checkpoint.save(tmp_path, model=model, step=1, extra=extra)
+    got = checkpoint.load(tmp_path, model=model).extra
+    random.setstate(got["python"])
+    np.random.set_state(got["numpy"])
+    pcg.bit_generator.state = got["pcg64"]
+    mt.bit_generator.state = got["mt19937"]
+    assert [random.random(), np.random.rand(), pcg.random(), mt.integers(1 << 30)] == expected
+    assert type(got["python"]) is tuple and type(got["python"][1]) is tuple
+    assert got["numpy"][1].dtype == np.uint32 and got["numpy"][1].shape == (624,)
+    assert [torch.equal(a, b) for a, b in zip(got["cuda"], extra["cuda"])] == [True, True]
+    np.testing.assert_array_equal(got["numbers"], extra["numbers"])
+    assert got["numbers"].dtype == np.int16 and got["empty"].shape == (0, 3)
+    assert type(got["counter"]) is np.uint64 and got["counter"] == 2**63 + 5
+    without_loading = checkpoint.read_extra(tmp_path)  # the same, in one process, no model
+    assert without_loading["python"] == extra["python"] and without_loading.keys() == got.keys()
+    np.testing.assert_array_equal(without_loading["mt19937"]["state"]["key"], mt_key)
+
+
+def test_a_version_1_checkpoint_still_loads(saved):
+    """Version 1 saved tuples as lists; they load as lists, tensors as tensors."""
+    model, opt = make()
+    train(model, opt, 0, 3)
+    extra = {"pair": [1, "a"], "rng": torch.get_rng_state()}
+    path = checkpoint.save(saved, model=model, optimizer=opt, step=5, extra=extra)
+
+    def make_it_version_1(body):
+        assert body["version"] == 2
+        body["version"] = 1
+
+    _rewrite_manifest(path, make_it_version_1)
+    fresh_model, fresh = make()
+    info = checkpoint.load(saved, model=fresh_model, optimizer=fresh)
+    assert info.step == 5 and info.extra["pair"] == [1, "a"]
+    assert torch.equal(info.extra["rng"], extra["rng"])
+    assert_same(state_of(fresh_model, fresh), state_of(model, opt))
+
+
+def fine_tune_model() -> torch.nn.Sequential:
+    """make()'s body (keys 0.*) with another head: 2.weight of another shape, no 2.bias, and
+    a new layer 3."""
+    torch.manual_seed(5)
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4, bias=False),
+        torch.nn.Linear(4, 1),
+    )  # fmt: skip
+
+
+def test_strict_false_loads_what_matches_and_reports_the_rest(saved):
+    model, opt = make()
+    train(model, opt, 0, 3)  # what `saved` holds
+    fine = fine_tune_model()
+    before = {k: v.clone() for k, v in fine.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"not in the checkpoint: \['3.bias', '3.weight'\]"):
+        checkpoint.load(saved, model=fine)  # strict by default
+    assert_same(dict(fine.state_dict()), before)
+    info = checkpoint.load(saved, model=fine, strict=False)
+    assert info.missing_keys == ("3.bias", "3.weight")
+    assert info.unexpected_keys == ("2.bias",)
+    assert info.mismatched_keys == ("2.weight",)
+    assert torch.equal(fine[0].weight, model[0].weight)
+    assert torch.equal(fine[0].bias, model[0].bias)
+    for key in ["2.weight", "3.weight", "3.bias"]:
+        assert torch.equal(fine.state_dict()[key], before[key]), key
+    strict_info = checkpoint.load(saved, model=make()[0])
+    assert strict_info.missing_keys == strict_info.unexpected_keys == ()
+    assert strict_info.mismatched_keys == ()
+
+
+def test_strict_false_with_an_optimizer_is_refused(saved):
+    fine = fine_tune_model()
+    fine_opt = ShardedAdam(fine.parameters(), jit_compile=False)
+    before = {k: v.clone() for k, v in fine.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"load\(strict=False\) loads a model only.*fresh optimizer"
+    ):
+        checkpoint.load(saved, model=fine, optimizer=fine_opt, strict=False)
+    assert_same(dict(fine.state_dict()), before)
+    assert fine_opt.iterations == 0
+    with pytest.raises(TypeError, match="strict must be True or False, got 'no'"):
+        checkpoint.load(saved, model=fine, strict="no")
