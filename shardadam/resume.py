@@ -108,7 +108,13 @@ class ConfiguredHyperparameters:
 
 def rng_states(device: torch.device) -> dict[str, Any]:
     """This process's random number generators, for ``extra`` (a resumed run draws on)."""
-    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    import numpy
+
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": numpy.random.get_state(),
+        "python": random.getstate(),
+    }
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states

@@ -192,3 +192,24 @@ def test_branches_from_one_checkpoint_do_not_collide(first_run, tmp_path):
     for job in ("0", "1"):
         assert [s for s, _ in checkpoint.published(sweep / job / "checkpoints")] == [8]
     assert [s for s, _ in checkpoint.published(first_run / "checkpoints")] == [4, 8]
+
+
+def test_a_resume_restores_every_random_generator_the_checkpoint_saved(first_run, tmp_path):
+    import random
+
+    import numpy
+
+    source = first_run / "checkpoints" / "step-00000004"
+    saved = checkpoint.read_extra(source)["rng"]
+    assert set(saved) == {"torch", "numpy", "python"}  # CUDA's too where the device is a GPU
+    random.seed(123)
+    numpy.random.seed(123)
+    torch.manual_seed(123)
+    (tmp_path / "run").mkdir()
+    run = train._Run(_config(resume=str(source), learning_rate=0.01), tmp_path / "run", ONE_RANK)
+    assert run._resume() == 4
+    assert random.getstate() == saved["python"]
+    state, expected = numpy.random.get_state(), saved["numpy"]
+    assert state[0] == expected[0] and numpy.array_equal(state[1], expected[1])
+    assert state[2:] == expected[2:]
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
