@@ -407,6 +407,14 @@ class TrainerConfig:
     """Write loss.png (training and held-out loss) at the end."""
     threads: int | None = None
     """torch.set_num_threads per rank (null: torch's default in one process, else cores/ranks)."""
+    loss: Any = None
+    """A loss to instantiate (``_target_``, e.g. torch.nn.SmoothL1Loss), called as
+    loss(output, target) -> scalar; null: the model's own where the samples hold ``labels``
+    and it returns a ``loss``, else the data's (cross_entropy or mse)."""
+    ignore_index: int = -100
+    """cross_entropy targets equal to this count for nothing, in the loss and its mean."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: load in the training process)."""
 
     def __post_init__(self) -> None:
         check_positive_int(self.steps, "trainer.steps", minimum=1, optional=False)
@@ -417,6 +425,17 @@ class TrainerConfig:
         check_positive_int(self.log_every, "trainer.log_every", minimum=1, optional=False)
         check_positive_int(self.keep_last, "trainer.keep_last", minimum=1)
         check_positive_int(self.threads, "trainer.threads", minimum=1)
+        check_positive_int(self.num_workers, "trainer.num_workers", minimum=0, optional=False)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(
+                f"Invalid trainer.ignore_index: {self.ignore_index!r} (expected an integer)"
+            )
+        has_target = isinstance(self.loss, dict) and bool(self.loss.get("_target_"))
+        if self.loss is not None and not has_target:
+            raise ValueError(
+                f"Invalid trainer.loss: {self.loss!r} (expected null for the data's loss, or "
+                "a config with a _target_, e.g. trainer.loss={_target_:torch.nn.SmoothL1Loss})"
+            )
         if isinstance(self.resume, bool) or str(self.resume).lower() in ("true", "false", ""):
             raise ValueError(
                 f"Invalid trainer.resume: {self.resume!r} (expected null to start afresh, "

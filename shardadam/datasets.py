@@ -1,10 +1,10 @@
 """Example datasets that the training app builds from its config by ``_target_``.
 
 A data factory takes keyword arguments and returns :class:`Splits`: a train and an eval
-map-style dataset whose items are ``(input, target)`` pairs of fixed-shape tensors (the app
-stacks the items it picks into global batches and cuts them across ranks), the name of the
-loss, and how many items (tokens) one sample holds. Any importable factory that returns a
-``Splits`` works the same way; the two here pair with :mod:`shardadam.models`:
+map-style dataset whose items are ``(input, target)`` pairs or dicts holding ``labels``
+(transformers' style, given to the model as keyword arguments; see :mod:`shardadam.batches`),
+the name of the loss, and how many items (tokens) one sample holds. Any importable factory
+that returns a ``Splits`` works the same way; the two here pair with :mod:`shardadam.models`:
 
 - :func:`text_corpus`: byte-level language modelling (vocabulary = the 256 byte values, so no
   tokenizer) on ``shardadam/data/corpus.txt`` or a file of your own, for ``TinyTransformerLM``.
@@ -21,18 +21,19 @@ from __future__ import annotations
 import importlib.resources
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from .config import check_positive_int
+from .losses import LOSSES
 
-__all__ = ["LOSSES", "ByteBlocks", "Splits", "teacher_classification", "text_corpus"]
-
-LOSSES = ("cross_entropy", "mse")
+__all__ = ["ByteBlocks", "Splits", "check_splits", "teacher_classification", "text_corpus"]
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,14 @@ class Splits:
     """What a data factory returns to the training app."""
 
     train: Dataset
-    """Map-style; item i is a pair ``(input, target)`` of tensors of the same shapes for all i."""
+    """Map-style; item i is a pair ``(input, target)`` or a dict holding ``labels``, of tensors
+    the DataLoader's default collate can stack (the same shapes for all i)."""
     eval: Dataset
     """Held-out data, items shaped like train's."""
     loss: str
     """``"cross_entropy"``: model output (..., C) logits against int64 targets (...), both
-    flattened over the leading dimensions; ``"mse"``: output shaped like the target."""
+    flattened over the leading dimensions (targets equal to trainer.ignore_index count for
+    nothing); ``"mse"``: output shaped like the target. See :mod:`shardadam.losses`."""
     items_per_sample: int = 1
     """What one sample counts for in a throughput metric: tokens for a language model."""
 
@@ -53,6 +56,35 @@ class Splits:
         if self.loss not in LOSSES:
             raise ValueError(f"Invalid loss: {self.loss!r} (expected one of {LOSSES})")
         check_positive_int(self.items_per_sample, "items_per_sample", minimum=1, optional=False)
+
+
+def check_splits(data: Any) -> None:
+    """Refuse what a data factory built unless it keeps the :class:`Splits` contract, with
+    its first samples in one of the two forms."""
+    missing = [a for a in ("train", "eval", "loss", "items_per_sample") if not hasattr(data, a)]
+    if missing:
+        raise TypeError(
+            f"data._target_ built a {type(data).__name__} without {missing}; a data factory "
+            "returns shardadam.datasets.Splits (train, eval, loss, items_per_sample)"
+        )
+    # data.loss is checked where it is used: shardadam.losses.TrainingLoss.
+    if len(data.train) == 0 or len(data.eval) == 0:
+        raise ValueError("the data's train and eval splits must not be empty")
+    for name in ("train", "eval"):
+        sample = getattr(data, name)[0]
+        if isinstance(sample, Mapping):
+            if "labels" not in sample:
+                raise ValueError(
+                    f"data.{name}[0] is a dict with keys {list(sample)} but no 'labels': a dict "
+                    "sample is given to the model as keyword arguments and needs its target "
+                    "as 'labels'"
+                )
+        elif not (isinstance(sample, (tuple, list)) and len(sample) == 2):
+            kind = f"a {len(sample)}-tuple" if isinstance(sample, tuple) else type(sample).__name__
+            raise TypeError(
+                f"data.{name}[0] is {kind}; a sample is a pair (input, target) or a dict "
+                "holding 'labels'"
+            )
 
 
 class ByteBlocks(Dataset):

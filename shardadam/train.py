@@ -30,10 +30,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
+from .batches import Batch, TrainBatches, eval_batches, forward
 from .bootstrap import DistributedContext
 from .checkpoint.format import read_manifest
 from .config import RESUME_AUTO, TrainConfig, check_known_keys
-from .datasets import LOSSES
+from .datasets import check_splits
+from .losses import HeldOutTotal, TrainingLoss, rank_loss
 from .model_sync import broadcast_buffers, check_same_weights
 from .optimizer import ShardedAdam
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionSignals
@@ -152,17 +154,23 @@ class _Run:
         torch.manual_seed(self.trainer.seed)  # the same initial model on every rank
         self.model = _instantiate(config.model, "model", torch.nn.Module).to(ctx.device)
         self.data = _instantiate(config.data, "data", object)
-        _check_splits(self.data)
+        check_splits(self.data)
         if len(self.data.train) < self.trainer.batch_size:
             raise ValueError(
                 f"Invalid trainer.batch_size: {self.trainer.batch_size} is more than the "
                 f"{len(self.data.train)} samples of the training split"
             )
+        loss_spec = self.trainer.loss  # null: the model's own loss or the data's
+        custom_loss = None if loss_spec is None else _instantiate(loss_spec, "trainer.loss", object)
+        self.loss = TrainingLoss(self.data.loss, self.trainer.ignore_index, custom_loss)
+        self.train_batches = TrainBatches(
+            self.data.train, self.trainer.batch_size, self.trainer.seed, ctx.rank,
+            ctx.world_size, self.trainer.steps, self.trainer.num_workers, ctx.device,
+        )  # fmt: skip
         self.optimizer = _build_optimizer(config, self.model)
         check_same_weights(self.model, ctx)
         self.checkpoint_dir = output_dir / self.trainer.checkpoint_dir
         self.reporter = Reporter(config, output_dir, ctx, self.data.items_per_sample)
-        self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)
 
     def train(self, preemption: PreemptionSignals | None = None) -> float:
         trainer, ctx = self.trainer, self.ctx
@@ -203,28 +211,20 @@ class _Run:
         return losses.get("ema", losses["weights"])
 
     def _train_step(self, step: int) -> torch.Tensor:
-        inputs, targets = self._batch(step)
-        loss = _loss(self.data.loss, self.model(inputs), targets) / targets.numel()
+        """Collective: one step; returns this rank's loss, whose mean over ranks is the step's
+        loss (Note [loss averaging across ranks] in shardadam.losses)."""
+        batch = self._batch(step)
+        terms = self.loss.terms(forward(self.model, batch), batch.targets, batch.labels_given)
+        loss = rank_loss(terms, self.ctx.world_size)
         self.optimizer.scale_loss(loss).backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
         return loss
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of step ``step``'s global batch: samples drawn without replacement
-        from a permutation per epoch, a function of (seed, step) only (so a resumed run sees
-        the batches the uninterrupted one would)."""
-        train, size = self.data.train, self.trainer.batch_size
-        per_epoch = max(1, len(train) // size)
-        epoch, index = divmod(step - 1, per_epoch)
-        if self._epoch_order[0] != epoch:  # one permutation per epoch, not per step
-            seed = self.trainer.seed * 100003 + epoch
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-            self._epoch_order = (epoch, order)
-        global_batch = self._epoch_order[1][index * size : (index + 1) * size]
-        per_rank = size // self.ctx.world_size
-        mine = global_batch[self.ctx.rank * per_rank : (self.ctx.rank + 1) * per_rank]
-        return _stack(train, mine.tolist(), self.ctx.device)
+    def _batch(self, step: int) -> Batch:
+        """This rank's share of step ``step``'s global batch, a function of (seed, step) only
+        (Note [batches from (seed, step)] in shardadam.batches)."""
+        return self.train_batches.at(step)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -236,20 +236,19 @@ class _Run:
         return losses
 
     def _held_out_loss(self) -> float:
+        """Collective: the loss over the first trainer.eval_samples held-out samples, each
+        rank evaluating its contiguous share."""
         self.model.eval()
-        split = self.data.eval
-        count = min(self.trainer.eval_samples, len(split))
-        mine = list(range(self.ctx.rank, count, self.ctx.world_size))
-        total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
-        batch = max(1, self.trainer.batch_size // self.ctx.world_size)
-        for first in range(0, len(mine), batch):
-            inputs, targets = _stack(split, mine[first : first + batch], self.ctx.device)
-            total[0] += _loss(self.data.loss, self.model(inputs), targets).double()
-            total[1] += targets.numel()
-        if self.ctx.world_size > 1:
-            dist.all_reduce(total)
+        total = HeldOutTotal(self.ctx.device)
+        trainer, ctx = self.trainer, self.ctx
+        for batch in eval_batches(
+            self.data.eval, trainer.eval_samples, trainer.batch_size, ctx.rank,
+            ctx.world_size, trainer.num_workers, ctx.device,
+        ):  # fmt: skip
+            output = forward(self.model, batch)
+            total.add(self.loss.terms(output, batch.targets, batch.labels_given), batch.samples)
         self.model.train()
-        return (total[0] / total[1]).item()
+        return total.mean(ctx.world_size)
 
     def _resume(self) -> int:
         """Collective: load the checkpoint ``trainer.resume`` names, if any, with the config's
@@ -320,19 +319,6 @@ def _instantiate(spec: dict[str, Any], name: str, kind: type) -> Any:
     return built
 
 
-def _check_splits(data: Any) -> None:
-    missing = [a for a in ("train", "eval", "loss", "items_per_sample") if not hasattr(data, a)]
-    if missing:
-        raise TypeError(
-            f"data._target_ built a {type(data).__name__} without {missing}; a data factory "
-            "returns shardadam.datasets.Splits (train, eval, loss, items_per_sample)"
-        )
-    if data.loss not in LOSSES:
-        raise ValueError(f"Invalid loss of the data: {data.loss!r} (expected one of {LOSSES})")
-    if len(data.train) == 0 or len(data.eval) == 0:
-        raise ValueError("the data's train and eval splits must not be empty")
-
-
 def _build_optimizer(config: TrainConfig, model: torch.nn.Module) -> ShardedAdam:
     settings = config.optimizer
     arguments = settings.keras_arguments()
@@ -376,20 +362,6 @@ class CheckOutputDir(Callback):
             # Hydra turns a callback's exceptions into warnings and goes on; stop here.
             print(f"Error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
-
-
-def _stack(split: Any, indices: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
-    items = [split[i] for i in indices]
-    return tuple(torch.stack(column).to(device) for column in zip(*items))
-
-
-def _loss(kind: str, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed over the batch's items (tokens for a language model)."""
-    if kind == "cross_entropy":
-        return torch.nn.functional.cross_entropy(
-            output.flatten(0, -2).float(), targets.flatten(), reduction="sum"
-        )
-    return torch.nn.functional.mse_loss(output.float(), targets.float(), reduction="sum")
 
 
 def _global_mean(value: torch.Tensor, ctx: DistributedContext) -> float:

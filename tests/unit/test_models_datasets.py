@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from shardadam.datasets import Splits, teacher_classification, text_corpus
+from shardadam.datasets import Splits, check_splits, teacher_classification, text_corpus
 from shardadam.models import MLPClassifier, TinyTransformerLM
 
 
 def stack(dataset, indices):
-    """Batch items as the app does: torch.stack over indices it picks."""
+    """Batch items as the app's DataLoader (its default collate) does: stacked."""
     inputs, targets = zip(*(dataset[i] for i in indices))
     return torch.stack(inputs), torch.stack(targets)
 
@@ -113,6 +113,23 @@ def test_splits_rejects_unknown_loss():
     data = teacher_classification(n_train=4, n_eval=4)
     with pytest.raises(ValueError, match=r"Invalid loss: 'l1' \(expected one of"):
         Splits(train=data.train, eval=data.eval, loss="l1")
+
+
+def test_check_splits_takes_both_sample_forms_and_names_what_is_wrong():
+    pairs = teacher_classification(n_train=4, n_eval=4)
+    check_splits(pairs)
+    dicts = [{"input_ids": torch.zeros(3, dtype=torch.long), "labels": torch.zeros(3)}]
+    check_splits(Splits(train=dicts, eval=dicts, loss="cross_entropy"))
+    no_labels = [{"input_ids": torch.zeros(3)}]
+    with pytest.raises(ValueError, match=r"data.eval\[0\] is a dict with keys \[.input_ids.\]"):
+        check_splits(Splits(train=dicts, eval=no_labels, loss="cross_entropy"))
+    triples = [(torch.zeros(1),) * 3]
+    with pytest.raises(TypeError, match=r"data.train\[0\] is a 3-tuple; a sample is a pair"):
+        check_splits(Splits(train=triples, eval=dicts, loss="mse"))
+    with pytest.raises(TypeError, match=r"data._target_ built a dict without \['train', 'eval'"):
+        check_splits({})
+    with pytest.raises(ValueError, match="the data's train and eval splits must not be empty"):
+        check_splits(Splits(train=[], eval=dicts, loss="mse"))
 
 
 def test_transformer_shapes_and_determinism():
