@@ -32,7 +32,6 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint
 from .batches import Batch, TrainBatches, eval_batches, forward
 from .bootstrap import DistributedContext
-from .checkpoint.format import read_manifest
 from .config import RESUME_AUTO, TrainConfig, check_known_keys
 from .datasets import check_splits
 from .losses import HeldOutTotal, TrainingLoss, rank_loss
@@ -261,8 +260,8 @@ class _Run:
         if path is None:
             self.reporter.say(f"no checkpoint in {where}: starting from step 0")
             return 0
-        # Checked before anything changes: the checkpoint's config, from its manifest.
-        saved = read_manifest(path)["extra"].get("config")
+        # Checked before anything changes: the config the checkpoint was trained with.
+        saved = checkpoint.read_extra(path).get("config")
         changed = {} if saved is None else differences(saved, config_record(self.config))
         check_state_settings(changed)
         configured = ConfiguredHyperparameters(

@@ -88,8 +88,11 @@ def test_wraps_an_existing_module_given_on_the_command_line(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["optimizer.learnin_rate=0.1"], r"Unknown key optimizer.learnin_rate \(did you mean "
-         r"optimizer.learning_rate\?\): optimizer has learning_rate, schedule, beta_1"),
+        (
+            ["optimizer.learnin_rate=0.1"],
+            r"Unknown key optimizer.learnin_rate \(did you mean "
+            r"optimizer.learning_rate\?\): optimizer has learning_rate, schedule, beta_1",
+        ),
         # Hydra itself adds a key given with "+", silently: the app must refuse it too.
         (["+optimizer.learing_rate=0.1"], r"Unknown key optimizer.learing_rate \(did you mean"),
         (["+trainer.step=3"], r"Unknown key trainer.step \(did you mean trainer.steps\?\)"),
