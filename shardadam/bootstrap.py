@@ -35,8 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import slurm
-
-BACKENDS = ("auto", "gloo", "nccl")
+from .config import BACKENDS
 
 
 @dataclass(frozen=True)

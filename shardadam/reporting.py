@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .app_config import TrainConfig
 from .bootstrap import DistributedContext
-from .config import TrainConfig
 from .optimizer import ShardedAdam
 
 LOGGER = logging.getLogger("shardadam.train")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .config import RESUME_AUTO, TrainConfig, TrainerConfig
+from .app_config import RESUME_AUTO, TrainConfig, TrainerConfig
 from .optimizer import ShardedAdam
 
 # Settings that decide which state the optimizer keeps: the checkpoint's state fits only them.

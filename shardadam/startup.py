@@ -13,9 +13,9 @@ from typing import Any
 import torch.distributed as dist
 
 from . import checkpoint
+from .app_config import RESUME_AUTO
 from .bootstrap import DistributedContext
 from .checkpoint.directory import resolve as resolve_checkpoint
-from .config import RESUME_AUTO
 
 
 def check_writable(directory: Path, setting: str) -> None:

@@ -1,11 +1,13 @@
 """The training app: ``python -m shardadam.train [overrides]`` (or ``shardadam-train``).
 
-Hydra composes ``shardadam/configs/config.yaml`` over the schema in ``shardadam.config`` (so a
-typo'd key or a wrong type fails before anything starts), then every rank builds the model and
-data named by their ``_target_``, trains with ShardedAdam and evaluates on the held-out split
-(with the EMA weights too where ``optimizer.use_ema``). Rank 0 writes into the run's output
-directory: the config (``.hydra/``), ``metrics.jsonl`` (one line per step and per evaluation),
-``loss.png``, TensorBoard events if asked, and the checkpoints (every rank writes its part).
+Hydra composes ``shardadam/configs/config.yaml`` over the schema in ``shardadam.app_config``
+(an unknown key or a wrong type fails before anything starts). Every rank then builds the model
+and data named by their ``_target_``, trains the trainable parameters with ShardedAdam and
+evaluates on the held-out split (the EMA weights too where ``optimizer.use_ema``). Rank 0
+writes into the run's output directory: the config (``.hydra/``), ``metrics.jsonl``,
+``train.log``, ``loss.png``, TensorBoard events if asked; every rank writes its part of each
+checkpoint. A resumed run takes its state from the checkpoint and its settings from the config
+(Note [the resume rule] in ``shardadam.resume``).
 
 Ranks come from torchrun, MPI or Slurm (``shardadam.bootstrap``); see ``launch/``. This is the
 only module that imports Hydra: the rest of shardadam takes plain dataclasses.
@@ -30,9 +32,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
+from .app_config import RESUME_AUTO, TrainConfig, check_known_keys
 from .batches import Batch, TrainBatches, eval_batches, forward
 from .bootstrap import DistributedContext
-from .config import RESUME_AUTO, TrainConfig, check_known_keys
 from .datasets import check_splits
 from .losses import HeldOutTotal, TrainingLoss, rank_loss
 from .model_sync import broadcast_buffers, check_same_weights

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shardadam import model_sync, startup, train
+from shardadam.app_config import OptimizerConfig, TrainConfig, TrainerConfig
 from shardadam.bootstrap import DistributedContext
-from shardadam.config import OptimizerConfig, TrainConfig, TrainerConfig
 
 WORLD_SIZE = 2
 TIMEOUT_S = 20  # the process group's: a mismatched collective fails within this

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from shardadam import checkpoint, train
+from shardadam.app_config import OptimizerConfig, TrainConfig, TrainerConfig
 from shardadam.bootstrap import DistributedContext
-from shardadam.config import OptimizerConfig, TrainConfig, TrainerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 ONE_RANK = DistributedContext(0, 1, 0, torch.device("cpu"))

@@ -11,15 +11,15 @@ import yaml
 
 import shardadam
 from shardadam import ShardedAdam
-from shardadam.config import (
+from shardadam.app_config import (
     RESUME_AUTO,
     DistributedConfig,
     OptimizerConfig,
-    ShardingOptions,
     TrainConfig,
     TrainerConfig,
     check_known_keys,
 )
+from shardadam.config import ShardingOptions
 
 CONFIGS = Path(shardadam.__file__).parent / "configs"
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from shardadam.app_config import TrainerConfig
 from shardadam.batches import (
     StepBatchSampler,
     TrainBatches,
@@ -16,7 +17,6 @@ from shardadam.batches import (
     global_batch,
     split_batch,
 )
-from shardadam.config import TrainerConfig
 
 CPU = torch.device("cpu")
 

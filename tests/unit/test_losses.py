@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from shardadam.config import TrainerConfig
+from shardadam.app_config import TrainerConfig
 from shardadam.losses import (
     HeldOutTotal,
     LossTerms,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from shardadam import ShardedAdam
+from shardadam.app_config import TrainConfig, TrainerConfig
 from shardadam.bootstrap import DistributedContext
-from shardadam.config import TrainConfig, TrainerConfig
 from shardadam.reporting import LOGGER, Reporter, keep_records_before
 
 CPU = torch.device("cpu")
