@@ -142,3 +142,20 @@ def test_a_transformers_gpt2_trains_alike_on_one_and_two_ranks(tmp_path):
         assert held_out[-1] < held_out[0] - 0.5, out  # from ln 256 = 5.5
     assert losses[1][-1] < losses[1][0] - 0.5
     assert losses[2] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_config_dir_of_the_users_adds_a_model_config(tmp_path):
+    """`--config-dir` beside the packaged configs: the repository's example directory of user
+    configs (configs/, a GPT-2 from transformers) composes with them and trains."""
+    done, out = run_app(
+        "model=gpt2_tiny", "data.block_size=16", "trainer.steps=2", "trainer.eval_samples=16",
+        f"hydra.run.dir={tmp_path}",
+        launcher=[sys.executable, "-m", "shardadam.train", "--config-dir", str(REPO / "configs")],
+    )  # fmt: skip
+    assert done.returncode == 0, out
+    losses = [m["loss"] for m in metrics(tmp_path) if "loss" in m]
+    assert len(losses) == 2 and all(2.0 < x < 7.0 for x in losses)  # ln 256 = 5.5 at the start
+    assert (
+        "_target_: transformers.GPT2LMHeadModel"
+        in (tmp_path / ".hydra" / "config.yaml").read_text()
+    )
