@@ -120,9 +120,16 @@ def rng_states(device: torch.device) -> dict[str, Any]:
     return states
 
 
-def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
+def restore_rng_states(extra: dict[str, Any], device: torch.device) -> bool:
+    """Set the generators a checkpoint's ``extra`` holds (``rng_states``); False if it holds
+    none (a checkpoint saved outside the app): they then go on from this run's seed."""
     import numpy
 
+    states = extra.get("rng")
+    if states is None and isinstance(extra.get("rng_state"), torch.Tensor):
+        states = {"torch": extra["rng_state"]}  # the app's checkpoints before numpy's, Python's
+    if states is None:
+        return False
     torch.set_rng_state(states["torch"])
     if "numpy" in states:
         numpy.random.set_state(states["numpy"])
@@ -130,3 +137,4 @@ def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
         random.setstate(states["python"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
+    return True

@@ -271,7 +271,8 @@ class _Run:
         )
         info = checkpoint.load(path, model=self.model, optimizer=self.optimizer)
         configured.restore(self.optimizer)
-        restore_rng_states(info.extra["rng"], self.ctx.device)
+        if not restore_rng_states(info.extra, self.ctx.device):
+            self.reporter.say(f"{info.path} holds no RNG states: drawing on from trainer.seed")
         if info.step >= self.trainer.steps and self.trainer.resume != RESUME_AUTO:
             raise ValueError(
                 f"Invalid trainer.steps: {self.trainer.steps}, but the checkpoint {info.path} is "

@@ -213,3 +213,19 @@ def test_a_resume_restores_every_random_generator_the_checkpoint_saved(first_run
     assert state[0] == expected[0] and numpy.array_equal(state[1], expected[1])
     assert state[2:] == expected[2:]
     assert torch.equal(torch.get_rng_state(), saved["torch"])
+
+
+def test_a_checkpoint_saved_outside_the_app_resumes_with_the_configs_settings(
+    tmp_path, caplog, capsys
+):
+    """No recorded config, no RNG states (a user's own `checkpoint.save`): the app says so and
+    trains on from the saved step with its config's settings."""
+    (tmp_path / "own").mkdir()
+    own = train._Run(_config(learning_rate=0.01), tmp_path / "own", ONE_RANK)
+    checkpoint.save(tmp_path / "saved", model=own.model, optimizer=own.optimizer, step=3)
+    _, out = _train(_config(resume=str(tmp_path / "saved"), steps=5), tmp_path / "r", caplog,
+                    capsys)  # fmt: skip
+    assert "the checkpoint records no config: settings are the config's" in out
+    assert "holds no RNG states: drawing on from trainer.seed" in out
+    assert sorted(_metrics(tmp_path / "r")) == [4, 5]
+    assert {m["lr"] for m in _metrics(tmp_path / "r").values()} == {0.001}
