@@ -229,3 +229,29 @@ def test_a_checkpoint_saved_outside_the_app_resumes_with_the_configs_settings(
     assert "holds no RNG states: drawing on from trainer.seed" in out
     assert sorted(_metrics(tmp_path / "r")) == [4, 5]
     assert {m["lr"] for m in _metrics(tmp_path / "r").values()} == {0.001}
+
+
+def test_evaluations_and_saved_weights_are_rank_0s_model_on_two_ranks(tmp_path):
+    """BatchNorm's running statistics differ between ranks after training on their own
+    batches; rank 0's are broadcast before evaluating and saving, so the held-out loss the app
+    reports is the loss of the saved model evaluated in one process."""
+    from tests.integration.test_train_app import metrics, run_app
+    from tests.integration.training_models import BatchNormMLP
+
+    done, out = run_app(
+        "model=mlp_classifier", "data=teacher_classification", "data.n_eval=64",
+        f"model._target_={MODELS}.BatchNormMLP", "optimizer.use_ema=false", "trainer.steps=6",
+        "trainer.eval_samples=64", f"hydra.run.dir={tmp_path}",
+        launcher=[str(REPO / "launch" / "torchrun.sh")], env={"PYTHON": sys.executable},
+    )  # fmt: skip
+    assert done.returncode == 0, out
+    reported = [m["eval_loss_weights"] for m in metrics(tmp_path) if "eval_loss_weights" in m]
+    model = BatchNormMLP(16, 64, 4, 2)
+    model.load_state_dict(checkpoint.read_weights(tmp_path / "checkpoints"), strict=True)
+    assert int(model.norm.num_batches_tracked) == 6
+    from shardadam.datasets import teacher_classification
+
+    inputs, labels = teacher_classification(n_eval=64).eval.tensors
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model.eval()(inputs), labels).item()
+    assert reported[-1] == pytest.approx(expected, rel=1e-5)
