@@ -255,3 +255,17 @@ def test_evaluations_and_saved_weights_are_rank_0s_model_on_two_ranks(tmp_path):
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(model.eval()(inputs), labels).item()
     assert reported[-1] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_generator_is_saved_and_restored():
+    from shardadam.resume import restore_rng_states, rng_states
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.manual_seed(7)
+    states = rng_states(device)
+    expected = torch.rand(4, device=device)
+    torch.cuda.manual_seed(8)
+    assert restore_rng_states({"rng": states}, device)
+    assert torch.equal(torch.rand(4, device=device), expected)
