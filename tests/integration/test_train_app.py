@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -169,11 +168,19 @@ def test_console_script_composes_the_config():
     assert "_target_: shardadam.models.TinyTransformerLM" in done.stdout
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed"
+# The app without the tensorboard package, which the test environment has: find_spec says none.
+WITHOUT_TENSORBOARD = (
+    "import importlib.util, sys; find = importlib.util.find_spec; "
+    "importlib.util.find_spec = lambda n, *a: None if n == 'tensorboard' else find(n, *a); "
+    "from shardadam.train import main; main()"
 )
+
+
 def test_tensorboard_without_the_package_fails_at_start(tmp_path):
-    done, out = run_app(*MLP, "trainer.tensorboard=true", f"hydra.run.dir={tmp_path / 'run'}")
+    done, out = run_app(
+        *MLP, "trainer.tensorboard=true", f"hydra.run.dir={tmp_path / 'run'}",
+        launcher=[sys.executable, "-c", WITHOUT_TENSORBOARD],
+    )  # fmt: skip
     assert done.returncode != 0
     assert "trainer.tensorboard=true needs the tensorboard package" in out, out
     assert "held-out loss" not in out
