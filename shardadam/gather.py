@@ -214,8 +214,7 @@ def _check_traced_reads(args: tuple, kwargs: dict) -> None:
                     )
 
 
-@torch.compiler.assume_constant_result
-def _refuse_traced_read(name: str, rank: int, world_size: int) -> bool:
+def _raise_traced_read(name: str, rank: int, world_size: int) -> bool:
     # Called for real while dynamo traces: the one way found to raise to the caller.
     raise RuntimeError(
         f"rank {rank}/{world_size}: overlap_param_gather=True cannot let compiled code read "
@@ -232,15 +231,27 @@ def _wait_for_everything() -> None:
     _release_guards()
 
 
-_wait_in_compiled_code = torch.compiler.disable(
-    _wait_for_everything,
-    reason=(
-        "overlap_param_gather=True: compiled code waits here for the parameter all-gathers "
-        "in flight (a graph break at the first module call after step()); with "
-        "fullgraph=True call opt.wait_for_params() before the compiled call, or build the "
-        "optimizer with overlap_param_gather=False"
-    ),
-)
+# What compiled code calls (Note [gather and torch.compile]). Wrapping a function for dynamo
+# imports it (about a second), so they are made when the first gather is armed, before any
+# compiled code can see a gather in flight.
+_refuse_traced_read: Any = None
+_wait_in_compiled_code: Any = None
+
+
+def _make_compiled_code_hooks() -> None:
+    global _refuse_traced_read, _wait_in_compiled_code
+    if _wait_in_compiled_code is not None:
+        return
+    _refuse_traced_read = torch.compiler.assume_constant_result(_raise_traced_read)
+    _wait_in_compiled_code = torch.compiler.disable(
+        _wait_for_everything,
+        reason=(
+            "overlap_param_gather=True: compiled code waits here for the parameter all-gathers "
+            "in flight (a graph break at the first module call after step()); with "
+            "fullgraph=True call opt.wait_for_params() before the compiled call, or build the "
+            "optimizer with overlap_param_gather=False"
+        ),
+    )
 
 
 def _forward_pre_hook(module: torch.nn.Module, args: Any) -> None:
@@ -265,6 +276,7 @@ def _is_compiled_wrapper(module: torch.nn.Module) -> bool:
 
 def _arm(gather: ParamGather) -> None:
     global _hook
+    _make_compiled_code_hooks()
     if gather not in _in_flight:
         _in_flight.append(gather)
     thread = threading.get_ident()

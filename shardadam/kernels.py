@@ -7,6 +7,8 @@ dynamo's per-function recompile budget, and a new shard size never recompiles (d
 
 from __future__ import annotations
 
+import functools
+import logging
 import types
 import warnings
 from collections.abc import Callable
@@ -15,16 +17,29 @@ import torch
 from torch import Tensor
 
 _compiled_variants: dict[tuple, Callable] = {}
+_LOG = logging.getLogger("shardadam")
 
-# Errors that mean "this function cannot be compiled here"; they are raised before any input
-# is mutated, so the eager rerun starts from the same state.
-_COMPILE_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,)
-if hasattr(torch._inductor, "exc"):
-    _COMPILE_ERRORS += (torch._inductor.exc.InductorError, torch._inductor.exc.CppCompileError)
+# torch._dynamo and torch._inductor take about a second to import: only a compiled update
+# needs them, so they are imported at its first use, not with shardadam.
+
+
+@functools.cache
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "this function cannot be compiled here"; they are raised before any
+    input is mutated, so the eager rerun starts from the same state."""
+    import torch._dynamo
+    import torch._inductor
+
+    errors: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,)
+    if hasattr(torch._inductor, "exc"):
+        errors += (torch._inductor.exc.InductorError, torch._inductor.exc.CppCompileError)
+    return errors
 
 
 def compile_available() -> bool:
     """Whether torch.compile works in this Python (it does not on every version)."""
+    import torch._dynamo
+
     return torch._dynamo.is_dynamo_supported()
 
 
@@ -54,7 +69,10 @@ class UpdateRunner:
     If compilation fails, warns once and runs eagerly from then on; results are the same.
     """
 
-    def __init__(self, jit_compile: bool) -> None:
+    def __init__(self, jit_compile: bool, announce: bool = True) -> None:
+        """``announce``: say (INFO, logger ``shardadam``, once per process) when the first
+        update compiles, which takes seconds; one rank of a group says it."""
+        self.announce = announce
         self.jit_compile = jit_compile and compile_available()
         if jit_compile and not self.jit_compile:
             warnings.warn(
@@ -70,11 +88,16 @@ class UpdateRunner:
             key = _variant_key(fused, args)
             compiled = _compiled_variants.get(key)
             if compiled is None:
+                if not _compiled_variants and self.announce:
+                    _LOG.info(
+                        "ShardedAdam: compiling the update with torch.compile (the first step "
+                        "takes seconds; jit_compile=False runs it eagerly)"
+                    )
                 compiled = compile_function(_copy_function(fused, len(_compiled_variants)))
                 _compiled_variants[key] = compiled
             try:
                 return compiled(*args)
-            except _COMPILE_ERRORS as error:
+            except _compile_errors() as error:
                 _compiled_variants.pop(key, None)
                 self.jit_compile = False
                 first_line = (str(error).strip().splitlines() or [""])[0]

@@ -193,7 +193,7 @@ class ShardedAdam(torch.optim.Optimizer):
         self._weight_decay_patterns: list[str] = []
         self._decay_masks: list[Tensor | None] = []
         self._scheduled_lr: dict[int, float] = {}
-        self._runner = UpdateRunner(jit_compile)
+        self._runner = UpdateRunner(jit_compile, announce=self.comm.rank == 0)
         self.last_grad_norm: Tensor | None = None
         self._warned_missing: set[frozenset[str]] = set()
         super().__init__(params, defaults)

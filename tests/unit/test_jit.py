@@ -64,3 +64,46 @@ def test_new_learning_rates_and_shard_sizes_do_not_recompile():
         opt.step()
     assert opt._runner.jit_compile
     assert counters["stats"]["unique_graphs"] - graphs_before <= 1
+
+
+START_UP = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+import torch
+import shardadam
+from shardadam import train  # the app too
+print("after import:", "torch._dynamo" in sys.modules, "torch._inductor" in sys.modules)
+
+def steps(jit_compile):
+    param = torch.nn.Parameter(torch.ones(8))
+    opt = shardadam.ShardedAdam([param], jit_compile=jit_compile)
+    for _ in range(2):
+        param.grad = torch.full_like(param, 0.5)
+        opt.step()
+    return param
+
+eager = steps(False)
+compiled = steps(True)
+print("same numbers:", torch.allclose(eager, compiled, rtol=1e-6))
+"""
+
+
+def test_the_compiler_is_imported_at_the_first_compiled_update_which_says_so(tmp_path):
+    """torch._dynamo and torch._inductor cost about a second to import: `import shardadam`
+    (and the app) must not pay it (torch.optim.Optimizer's own add_param_group imports dynamo
+    when any torch optimizer is built); the first compiled update says why it takes seconds."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", START_UP], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "after import: False False" in done.stdout
+    assert "same numbers: True" in done.stdout
+    announced = [line for line in done.stderr.splitlines() if "compiling the update" in line]
+    assert announced == [
+        "shardadam: ShardedAdam: compiling the update with torch.compile (the first step takes "
+        "seconds; jit_compile=False runs it eagerly)"
+    ]
