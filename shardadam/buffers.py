@@ -18,6 +18,8 @@ from torch import Tensor
 
 from .layout import BufferLayout, Range, ShardPiece
 
+_MASKS_KEPT = 8  # shard masks cached per buffer
+
 
 class FlatBuffer:
     """Flat parameter and gradient storage of one buffer, and this rank's shard of both."""
@@ -34,6 +36,7 @@ class FlatBuffer:
         self.shard = layout.shard(rank)
         self.pieces = layout.pieces(rank)
         self._piece_of = {piece.param_index: piece for piece in self.pieces}
+        self._masks: dict[tuple[int, ...], Tensor] = {}
         with torch.no_grad():
             for param, span in zip(params, layout.params):
                 view = self.param_view(span.index)
@@ -100,10 +103,19 @@ class FlatBuffer:
         return None if piece is None else piece.local
 
     def shard_mask(self, param_indices: list[int]) -> Tensor:
-        """Bool mask over the shard: True on the elements of the given parameters."""
-        mask = torch.zeros(self.shard.numel, dtype=torch.bool, device=self.device)
-        for index in param_indices:
-            local = self.shard_range_of(index)
-            if local is not None:
-                mask[local.slice] = True
+        """Bool mask over the shard: True on the elements of the given parameters.
+
+        Cached per set of parameters (a frozen or unused parameter asks for the same mask at
+        every step): callers only read it."""
+        key = tuple(sorted(set(param_indices)))
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = torch.zeros(self.shard.numel, dtype=torch.bool, device=self.device)
+            for index in key:
+                local = self.shard_range_of(index)
+                if local is not None:
+                    mask[local.slice] = True
+            if len(self._masks) >= _MASKS_KEPT:
+                self._masks.clear()  # parameter sets that change every step: keep few
+            self._masks[key] = mask
         return mask

@@ -21,6 +21,7 @@ Note [Keras scalars]
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -167,15 +168,70 @@ def adam_shard_step_inplace_(
     Out of place, every eager operation allocates (and page-faults) a shard-sized tensor,
     which made the eager update 45x slower than torch's fused AdamW; in place it allocates
     nothing. ``grad`` serves as scratch space and holds garbage afterwards. With a
-    ``grad_mask`` the old values are needed after the update, so that rare case runs the
-    out-of-place function.
+    ``grad_mask`` the whole shard is updated in place too, then the elements without a
+    gradient (a few parameters' ranges, kept from before the update) get their old values
+    back and their EMA advanced towards them: Note [eager steps without some gradients].
     """
-    if grad_mask is not None:
-        return adam_shard_step_(
-            param, grad, exp_avg, exp_avg_sq, exp_avg_sq_max, ema, master, decay_mask,
-            grad_mask, scalars,
-        )  # fmt: skip
     s = UpdateScalars(*scalars.tolist())  # Python floats: scalar kernels, one host sync
+    weights = param if master is None else master
+    state = [t for t in (weights, exp_avg, exp_avg_sq, exp_avg_sq_max, ema) if t is not None]
+    kept = []
+    if grad_mask is not None:
+        kept = [(run, [t[run].clone() for t in state]) for run in _runs_without_grad(grad_mask)]
+    grad_sq = _adam_inplace_(param, grad, exp_avg, exp_avg_sq, exp_avg_sq_max, ema, master,
+                             decay_mask, s)  # fmt: skip
+    for run, old in kept:
+        for now, was in zip(state, old):
+            now[run] = was
+        if ema is not None:
+            ema[run].lerp_(weights[run], 1.0 - s.ema_momentum)
+            if s.ema_overwrite:
+                weights[run] = ema[run]
+        if master is not None:
+            param[run] = master[run]
+    return grad_sq
+
+
+# Note [eager steps without some gradients]
+#     A parameter without a gradient keeps its value and moments while its EMA advances (as
+#     the out-of-place kernel's masks say). Eagerly, masking every tensor costs a shard-sized
+#     temporary per operation (a step 9x slower than with every gradient present), though
+#     the parameters without gradients (frozen, unused) are usually few. So the eager kernel
+#     updates the whole shard in place and puts back the kept ranges, which costs their size.
+#     A mask's ranges are found once (one host sync): the buffers cache their masks, so a step
+#     reuses the tensor of the step before, and the ranges are remembered per tensor.
+
+_runs_of_mask: dict[int, tuple[weakref.ref, list[slice]]] = {}
+
+
+def _runs_without_grad(grad_mask: Tensor) -> list[slice]:
+    """The contiguous ranges where ``grad_mask`` is False, found once per mask tensor."""
+    key = id(grad_mask)
+    entry = _runs_of_mask.get(key)
+    if entry is not None and entry[0]() is grad_mask:
+        return entry[1]
+    edge = grad_mask.new_zeros(1)
+    missing = torch.cat([edge, ~grad_mask, edge]).to(torch.int8)
+    steps = missing.diff()
+    starts = (steps == 1).nonzero().flatten().tolist()
+    ends = (steps == -1).nonzero().flatten().tolist()
+    runs = [slice(a, b) for a, b in zip(starts, ends)]
+    _runs_of_mask[key] = (weakref.ref(grad_mask, lambda _: _runs_of_mask.pop(key, None)), runs)
+    return runs
+
+
+def _adam_inplace_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    exp_avg_sq_max: Tensor | None,
+    ema: Tensor | None,
+    master: Tensor | None,
+    decay_mask: Tensor | None,
+    s: UpdateScalars,
+) -> Tensor:
+    """The in-place update of every element, with the scalars as Python floats."""
     weights = param if master is None else master
     g = grad if grad.dtype == weights.dtype else grad.to(weights.dtype)
     grad_sq = torch.dot(g, g)
