@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import types
 import warnings
 from collections.abc import Callable
@@ -34,6 +35,15 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     if hasattr(torch._inductor, "exc"):
         errors += (torch._inductor.exc.InductorError, torch._inductor.exc.CppCompileError)
     return errors
+
+
+def _announce(message: str) -> None:
+    """INFO on logger ``shardadam`` where logging is set up, else one line on stderr: the user
+    should know why the first step takes seconds."""
+    if _LOG.hasHandlers():
+        _LOG.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def compile_available() -> bool:
@@ -89,7 +99,7 @@ class UpdateRunner:
             compiled = _compiled_variants.get(key)
             if compiled is None:
                 if not _compiled_variants and self.announce:
-                    _LOG.info(
+                    _announce(
                         "ShardedAdam: compiling the update with torch.compile (the first step "
                         "takes seconds; jit_compile=False runs it eagerly)"
                     )

@@ -107,3 +107,14 @@ def test_the_compiler_is_imported_at_the_first_compiled_update_which_says_so(tmp
         "shardadam: ShardedAdam: compiling the update with torch.compile (the first step takes "
         "seconds; jit_compile=False runs it eagerly)"
     ]
+    # Without any logging set up, the same line goes to stderr.
+    done = subprocess.run(
+        [sys.executable, "-c", START_UP.replace("logging.basicConfig", "dict")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    announced = [line for line in done.stderr.splitlines() if "compiling the update" in line]
+    assert announced == [
+        "ShardedAdam: compiling the update with torch.compile (the first step takes seconds; "
+        "jit_compile=False runs it eagerly)"
+    ]
