@@ -74,12 +74,21 @@ class Communicator:
         self.mode = resolve_mode(mode, group)
         self._receive: Tensor | None = None
         self._receive_pool: dict[tuple, list[Tensor]] = {}
+        self._lent_nbytes: dict[int, int] = {}  # pool buffers of reductions in flight, by id
         if self.world_size > 1:
             self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
 
     @property
     def active(self) -> bool:
         return self.world_size > 1
+
+    def buffer_nbytes(self) -> int:
+        """Bytes of the receive buffers this communicator keeps for reuse (ring and pairwise
+        modes), those of reductions in flight included."""
+        kept = [self._receive] if self._receive is not None else []
+        kept += [t for free in self._receive_pool.values() for t in free]
+        in_flight = sum(self._lent_nbytes.values())
+        return sum(t.numel() * t.element_size() for t in kept) + in_flight
 
     def _chunks(self, flat: Tensor) -> list[Tensor]:
         return list(flat.view(self.world_size, -1).unbind(0))
@@ -209,6 +218,7 @@ class Communicator:
         # Buffers come back to the pool when their reduction finishes: fresh ones would cost
         # page faults on every call.
         received = free.pop() if free else torch.empty(shape, dtype=flat.dtype, device=flat.device)
+        self._lent_nbytes[id(received)] = received.numel() * received.element_size()
         peers = [p for p in range(self.world_size) if p != self.rank]
         works = []
         for peer, into in zip(peers, received.unbind(0)):
@@ -220,6 +230,7 @@ class Communicator:
             for partial in received[1:]:
                 shard.add_(partial)
             shard.div_(self.world_size)
+            del self._lent_nbytes[id(received)]
             free.append(received)
 
         return Pending(works, finish)

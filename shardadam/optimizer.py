@@ -909,7 +909,9 @@ class ShardedAdam(torch.optim.Optimizer):
         ``optimizer_state`` sums the sharded state (moments, AMSGrad maxima, EMA, fp32 master,
         accumulators); ``grad_shards`` the reduced gradient shards with storage of their own;
         ``full_grad_buffers`` the full flat gradient buffers currently allocated (none between
-        steps at stage 2 across ranks); ``param_buffers`` the flat parameters (the model's).
+        steps at stage 2 across ranks); ``comm_buffers`` the receive buffers the ring and
+        pairwise collectives keep for reuse; ``param_buffers`` the flat parameters (the
+        model's).
         """
 
         def nbytes(tensors: Iterable[Tensor | None]) -> int:
@@ -924,6 +926,7 @@ class ShardedAdam(torch.optim.Optimizer):
             "grad_shards": nbytes(b.shard_grad for b in self.buffers if not b.keep_full_grad),
             "full_grad_buffers": nbytes(b.flat_grad for b in self.buffers),
             "late_grad_buffers": self._reducer.late_nbytes(),
+            "comm_buffers": self.comm.buffer_nbytes(),
             "param_buffers": nbytes(b.flat_param for b in self.buffers),
         }
         report["optimizer_state"] = sum(
