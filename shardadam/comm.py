@@ -73,7 +73,7 @@ class Communicator:
         self.rank, self.world_size = rank_and_world_size(group)
         self.mode = resolve_mode(mode, group)
         self._receive: Tensor | None = None
-        self._receive_pool: dict[tuple, list[Tensor]] = {}
+        self._receive_pool: dict[tuple, list[Tensor]] = {}  # (dtype, device): free buffers
         self._lent_nbytes: dict[int, int] = {}  # pool buffers of reductions in flight, by id
         if self.world_size > 1:
             self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
@@ -213,12 +213,8 @@ class Communicator:
         # peer into buffers of their own, and are added once all have arrived.
         chunks = self._chunks(flat)
         shape = (self.world_size - 1, chunks[0].numel())
-        key = (shape, flat.dtype, flat.device)
-        free = self._receive_pool.setdefault(key, [])
-        # Buffers come back to the pool when their reduction finishes: fresh ones would cost
-        # page faults on every call.
-        received = free.pop() if free else torch.empty(shape, dtype=flat.dtype, device=flat.device)
-        self._lent_nbytes[id(received)] = received.numel() * received.element_size()
+        storage = self._lend_receive_buffer(shape[0] * shape[1], flat)
+        received = storage[: shape[0] * shape[1]].view(shape)
         peers = [p for p in range(self.world_size) if p != self.rank]
         works = []
         for peer, into in zip(peers, received.unbind(0)):
@@ -230,10 +226,32 @@ class Communicator:
             for partial in received[1:]:
                 shard.add_(partial)
             shard.div_(self.world_size)
-            del self._lent_nbytes[id(received)]
-            free.append(received)
+            self._return_receive_buffer(storage, flat)
 
         return Pending(works, finish)
+
+    def _lend_receive_buffer(self, numel: int, like: Tensor) -> Tensor:
+        """A 1-D buffer of at least ``numel`` elements for one reduction in flight.
+
+        Buffers come back to the pool when their reduction finishes (fresh ones would cost
+        page faults on every call), and serve any bucket as large or smaller: the pool holds
+        as many as reductions were ever in flight at once (Note [reductions in flight at stage
+        2] in ``reducer``), each as large as the largest bucket, not one per bucket shape."""
+        free = self._receive_pool.setdefault((like.dtype, like.device), [])
+        sizes = [t.numel() for t in free]  # (by position: tensors compare element-wise)
+        fitting = [i for i, n in enumerate(sizes) if n >= numel]
+        if fitting:
+            storage = free.pop(min(fitting, key=sizes.__getitem__))
+        else:
+            if free:  # replaced by a larger one, so that the pool does not grow in count
+                free.pop(max(range(len(free)), key=sizes.__getitem__))
+            storage = torch.empty(numel, dtype=like.dtype, device=like.device)
+        self._lent_nbytes[id(storage)] = storage.numel() * storage.element_size()
+        return storage
+
+    def _return_receive_buffer(self, storage: Tensor, like: Tensor) -> None:
+        del self._lent_nbytes[id(storage)]
+        self._receive_pool[(like.dtype, like.device)].append(storage)
 
     def _ring_reduce_scatter_(self, flat: Tensor, shard: Tensor) -> None:
         # At step s rank r passes on its partial sum of chunk r-s-1 and adds the one of chunk

@@ -12,6 +12,14 @@ Note [reduction during backward]
     ``backward()`` and ``step()`` (logging, SyncBatchNorm) meets the same sequence on every
     rank, and ``zero_grad()`` or a failing ``step()`` waits only for what every rank started.
 
+Note [reductions in flight at stage 2]
+    A bucket's full gradient buffer (and, in pairwise mode, its receive buffer) lives until its
+    reduce-scatter completes; kept to step(), every bucket's would be alive at once, the whole
+    model's gradients on every rank. So at most _REDUCTIONS_IN_FLIGHT reductions are in flight:
+    starting one more first waits for the oldest, whose full buffer is then released. Every
+    rank starts the buckets in the same order, so the oldest one's peers have started it too.
+    A rank holds for gradients its shards plus a few buckets' full buffers.
+
 Note [late gradients]
     A gradient can arrive for a bucket whose reduction has already started: a second backward
     before ``step()``, reentrant activation checkpointing of a shared layer (its inner
@@ -39,6 +47,8 @@ from torch import Tensor
 
 from . import comm
 from .buffers import FlatBuffer
+
+_REDUCTIONS_IN_FLIGHT = 2  # stage 2: Note [reductions in flight at stage 2]
 
 
 class GradReducer:
@@ -166,12 +176,21 @@ class GradReducer:
             if stale or buffer.grad_padding_views:
                 torch._foreach_zero_(stale + buffer.grad_padding_views)
         if self.comm.active:
+            if self.stage == 2:
+                self._finish_oldest_beyond(_REDUCTIONS_IN_FLIGHT - 1)
             self._reductions[b] = self.comm.start_reduce(
                 buffer.flat_grad, buffer.shard_grad, scatter=self.stage == 2
             )
         else:  # one process: the shard gradient is a view of the flat one already
             self._reduced[b] = True
         self._next = b + 1
+
+    def _finish_oldest_beyond(self, limit: int) -> None:
+        """Stage 2: wait for the oldest reductions while more than ``limit`` are in flight,
+        releasing their full buffers (Note [reductions in flight at stage 2])."""
+        in_flight = [b for b, r in enumerate(self._reductions) if r is not None]
+        for b in in_flight[: max(0, len(in_flight) - limit)]:
+            self._finish(b)
 
     def collect(self) -> None:
         """At an update step: stage the gradients still in ``p.grad`` (those without a hook,
@@ -224,14 +243,16 @@ class GradReducer:
         self._wait()
 
     def _wait(self) -> None:
-        for b, (buffer, reduction) in enumerate(zip(self.buffers, self._reductions)):
-            if reduction is None:
-                continue
-            reduction.wait()
-            self._reductions[b] = None
-            self._reduced[b] = True
-            if self.stage == 2:
-                buffer.release_full_grad()
+        for b, reduction in enumerate(self._reductions):
+            if reduction is not None:
+                self._finish(b)
+
+    def _finish(self, b: int) -> None:
+        self._reductions[b].wait()
+        self._reductions[b] = None
+        self._reduced[b] = True
+        if self.stage == 2:
+            self.buffers[b].release_full_grad()
 
     def agree(self, failed: bool) -> tuple[list[list[int]], list[bool], int]:
         """Collective (one small all-reduce): per buffer, the parameters with a gradient on

@@ -63,6 +63,7 @@ def train_sharded(rank: int, spec: dict) -> dict:
         **spec["sharding"],
     )
     grads_after_backward = []
+    held_after_backward = []  # memory_report()'s gradient buffers once backward returned
     for step in range(STEPS):
         n = micro_batches(spec)
         if n > 1:
@@ -71,6 +72,8 @@ def train_sharded(rank: int, spec: dict) -> dict:
                     loss_of(model, rank, step, micro).backward()
         loss_of(model, rank, step, n - 1).backward()
         grads_after_backward.append(model.second.weight.grad is not None)
+        report = opt.memory_report()
+        held_after_backward.append((report["full_grad_buffers"], report["comm_buffers"]))
         opt.step()
         opt.zero_grad()
     opt.wait_for_params()  # with overlap_param_gather, before reading them outside a forward
@@ -83,6 +86,7 @@ def train_sharded(rank: int, spec: dict) -> dict:
     opt.zero_grad()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     full_grad_bytes = opt.memory_report()["full_grad_buffers"]
+    bucket_bytes = [b.flat_param.numel() * b.flat_param.element_size() for b in opt.buffers]
 
     # A fine-tuning script adds a group on every rank; an optimizer made anew over the same
     # model takes over its gradients from the discarded one.
@@ -105,6 +109,8 @@ def train_sharded(rank: int, spec: dict) -> dict:
         "fresh_optimizer_moved": not torch.equal(before, model.head.weight.detach()),
         "grads_after_backward": grads_after_backward,
         "full_grad_bytes": full_grad_bytes,
+        "held_after_backward": held_after_backward,
+        "bucket_bytes": bucket_bytes,
         "second_backward_error": second_backward_error,
     }
 

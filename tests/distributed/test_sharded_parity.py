@@ -445,6 +445,14 @@ def test_training_through_backward_hooks_equals_one_process(world_size):
                     accumulating and s % 2 == 0 for s in range(8)
                 ]
                 assert got["full_grad_bytes"] == 0
+                if "kwargs" not in spec and "no_sync" not in spec:
+                    # Note [reductions in flight at stage 2]: once backward returned, at most
+                    # two buckets' full buffers (and receive buffers) of the whole model's.
+                    two = sum(sorted(got["bucket_bytes"])[-2:])
+                    assert len(got["bucket_bytes"]) > 3  # else the bound says nothing
+                    for full, received in got["held_after_backward"]:
+                        assert full <= two, (name, full, got["bucket_bytes"])
+                        assert received <= two * (world_size - 1) // world_size + 1
             # A second backward before step() adds up (numbers: test_robustness), and
             # opt.zero_grad() then drops both.
             assert got["second_backward_error"] == ""
