@@ -224,20 +224,24 @@ def route_logging(ctx: DistributedContext, reporter: Reporter) -> None:
     call set up."""
     root = logging.getLogger()
     files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
-    LOGGER.propagate = False
+    # The package's own logger too (the optimizer says when its first update compiles).
+    loggers = (LOGGER, logging.getLogger("shardadam"))
     if ctx.is_main:
-        LOGGER.setLevel(logging.INFO)
-        LOGGER.handlers = [_Console(reporter), *files]
-        return
-    for handler in files:
-        root.removeHandler(handler)
-        handler.close()
-    errors = logging.StreamHandler(sys.stderr)
-    errors.setFormatter(
-        logging.Formatter(f"rank {ctx.rank}/{ctx.world_size}: %(levelname)s: %(message)s")
-    )
-    LOGGER.setLevel(logging.WARNING)
-    LOGGER.handlers = [errors]
+        handlers: list[logging.Handler] = [_Console(reporter), *files]
+        level = logging.INFO
+    else:
+        for handler in files:
+            root.removeHandler(handler)
+            handler.close()
+        errors = logging.StreamHandler(sys.stderr)
+        errors.setFormatter(
+            logging.Formatter(f"rank {ctx.rank}/{ctx.world_size}: %(levelname)s: %(message)s")
+        )
+        handlers, level = [errors], logging.WARNING
+    for logger in loggers:
+        logger.propagate = False
+        logger.setLevel(level)
+        logger.handlers = list(handlers)
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
