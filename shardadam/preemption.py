@@ -42,7 +42,6 @@ class PreemptionSignals:
         self.received: signal.Signals | None = None  # the last one this process got
         self.agreed: signal.Signals | None = None  # the highest any rank got, by requested()
         self._previous: dict[signal.Signals, Any] = {}
-        self._flag = torch.zeros(1, dtype=torch.int32, device=ctx.device)
 
     def __enter__(self) -> PreemptionSignals:
         if threading.current_thread() is threading.main_thread():
@@ -63,13 +62,24 @@ class PreemptionSignals:
         self.received = signal.Signals(number)
 
     def requested(self) -> bool:
-        """Collective (one all_reduce of one int): whether any rank has received one of the
-        signals; every rank gets the same answer."""
-        self._flag.fill_(0 if self.received is None else int(self.received))
+        """Collective (one all_reduce of one element per signal): whether any rank has
+        received one of the signals; every rank gets the same answer."""
+        flags = torch.tensor(self.flags(), dtype=torch.float64, device=self.ctx.device)
         if dist.is_initialized() and self.ctx.world_size > 1:
-            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
-        number = int(self._flag.item())
-        self.agreed = signal.Signals(number) if number else None
+            dist.all_reduce(flags)
+        return self.agree(flags.tolist())
+
+    def flags(self) -> list[float]:
+        """This rank's part of the agreement, one element per signal in SIGNALS (1: the last
+        signal this process received), to be summed over the ranks: the training loop sends
+        them with the step's loss, in the one small all_reduce it makes anyway."""
+        return [float(self.received == number) for number in SIGNALS]
+
+    def agree(self, summed: list[float]) -> bool:
+        """Whether any rank received a signal, from ``flags()`` summed over the ranks; the
+        highest such signal is ``agreed``."""
+        got = [number for number, count in zip(SIGNALS, summed) if count > 0]
+        self.agreed = max(got) if got else None
         return self.agreed is not None
 
     def stopping(self, step: int, checkpoint_dir: object) -> str:

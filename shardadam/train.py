@@ -191,7 +191,7 @@ class _Run:
                 broadcast_buffers(self.model, ctx)
             began = time.perf_counter()
             loss = self._train_step(step)
-            loss = _global_mean(loss.detach(), ctx)
+            loss, stop = _step_agreement(loss.detach(), preemption, ctx)
             self.reporter.stepped(step, loss, self.optimizer, time.perf_counter() - began)
             if step == trainer.steps or (trainer.eval_every and step % trainer.eval_every == 0):
                 broadcast_buffers(self.model, ctx)
@@ -202,7 +202,7 @@ class _Run:
             )
             if saved:
                 self._save(step)
-            if preemption is not None and step < trainer.steps and preemption.requested():
+            if stop and step < trainer.steps:
                 if not saved:
                     self._save(step)
                 self.reporter.say(preemption.stopping(step, self.checkpoint_dir))
@@ -366,12 +366,18 @@ class CheckOutputDir(Callback):
             raise SystemExit(1) from None
 
 
-def _global_mean(value: torch.Tensor, ctx: DistributedContext) -> float:
+def _step_agreement(
+    loss: torch.Tensor, preemption: PreemptionSignals | None, ctx: DistributedContext
+) -> tuple[float, bool]:
+    """Collective (one small all_reduce, one host sync per step): the step's loss, the mean of
+    the ranks' shares, and whether any rank received a pre-termination signal."""
+    flags = preemption.flags() if preemption is not None else []
+    values = torch.cat([loss.reshape(1).double(), loss.new_tensor(flags, dtype=torch.float64)])
     if ctx.world_size > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= ctx.world_size
-    return value.item()
+        dist.all_reduce(values)
+    loss_sum, *summed = values.tolist()
+    stop = preemption.agree(summed) if preemption is not None else False
+    return loss_sum / ctx.world_size, stop
 
 
 if __name__ == "__main__":

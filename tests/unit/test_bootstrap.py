@@ -257,14 +257,7 @@ def test_mpi_launch_without_mpi4py_says_how_to_install_it(no_launch):
 
 
 def test_torchrun_group_is_destroyed_on_an_exception(no_launch):
-    for name, value in {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }.items():
-        no_launch.setenv(name, value)
+    one_rank_torchrun(no_launch)
     with pytest.raises(KeyError, match="from the training loop"):
         with distributed_from_env(timeout_s=30.0, backend="gloo") as ctx:
             assert dist.is_initialized() and dist.get_world_size() == 1
