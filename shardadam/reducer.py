@@ -38,6 +38,7 @@ Note [accumulation without communication]
 
 from __future__ import annotations
 
+import collections
 import functools
 import weakref
 from typing import Any
@@ -72,6 +73,7 @@ class GradReducer:
         """Per buffer, the parameters whose gradient is staged (or late) for this step."""
         self._waiting: list[set[int]] = []
         self._reductions: list[comm.Pending | None] = []
+        self._in_flight: collections.deque[int] = collections.deque()  # buckets, oldest first
         self._reduced: list[bool] = []
         self._late: list[Tensor | None] = []
         self._accumulated: list[set[int]] = []
@@ -181,6 +183,7 @@ class GradReducer:
             self._reductions[b] = self.comm.start_reduce(
                 buffer.flat_grad, buffer.shard_grad, scatter=self.stage == 2
             )
+            self._in_flight.append(b)
         else:  # one process: the shard gradient is a view of the flat one already
             self._reduced[b] = True
         self._next = b + 1
@@ -188,9 +191,8 @@ class GradReducer:
     def _finish_oldest_beyond(self, limit: int) -> None:
         """Stage 2: wait for the oldest reductions while more than ``limit`` are in flight,
         releasing their full buffers (Note [reductions in flight at stage 2])."""
-        in_flight = [b for b, r in enumerate(self._reductions) if r is not None]
-        for b in in_flight[: max(0, len(in_flight) - limit)]:
-            self._finish(b)
+        while len(self._in_flight) > limit:
+            self._finish_oldest()
 
     def collect(self) -> None:
         """At an update step: stage the gradients still in ``p.grad`` (those without a hook,
@@ -243,13 +245,14 @@ class GradReducer:
         self._wait()
 
     def _wait(self) -> None:
-        for b, reduction in enumerate(self._reductions):
-            if reduction is not None:
-                self._finish(b)
+        while self._in_flight:
+            self._finish_oldest()
 
-    def _finish(self, b: int) -> None:
-        self._reductions[b].wait()
+    def _finish_oldest(self) -> None:
+        b = self._in_flight[0]
+        self._reductions[b].wait()  # if it raises, the bucket stays in flight for a retry
         self._reductions[b] = None
+        self._in_flight.popleft()
         self._reduced[b] = True
         if self.stage == 2:
             self.buffers[b].release_full_grad()
@@ -318,7 +321,7 @@ class GradReducer:
 
     def has_staged(self) -> bool:
         """Whether gradients are staged, reducing or reduced for the coming update."""
-        return any(self._have) or any(r is not None for r in self._reductions)
+        return any(self._have) or bool(self._in_flight)
 
     def end_cycle(self) -> None:
         """After an update: the accumulators are consumed."""
