@@ -582,6 +582,7 @@ class ShardedAdam(torch.optim.Optimizer):
         grad_masks = self._prepare_shard_grads(present, self.options.gradient_accumulation_steps)
         grad_scale, local_sq = self._clip_grads()
         kernel_sq = self._update_shards(scalars, grad_masks, grad_scale)
+        self._reducer.release_bound_grads()
         if grad_scale is None:
             self._record_grad_norm(
                 [k if known is None else known for known, k in zip(local_sq, kernel_sq)]

@@ -30,6 +30,18 @@ Note [late gradients]
     arrive more than once before ``step()`` so add up, as in ``p.grad``, with the numbers of
     one process.
 
+Note [gradients in one process]
+    With no process group there is nothing to reduce, and a copy of every ``p.grad`` into the
+    flat buffer at ``step()`` cost a second copy of the gradients (+1x their bytes) and a
+    third of the step's time. So the same hooks move each gradient into its place in the flat
+    buffer as backward produces it and make ``p.grad`` that view (DDP's
+    ``gradient_as_bucket_view``): autograd's own tensor is freed at once, a second backward
+    adds into the view in place, and ``p.grad`` stays readable and writable until ``step()``
+    (clipping by hand works). ``p.grad`` is the truth at ``step()``: one assigned by hand is
+    copied in, one set to None counts as no gradient. The update uses the flat gradient as
+    scratch, so ``step()`` takes the gradients: afterwards ``p.grad`` is None, as it is
+    across ranks. Micro-steps of gradient accumulation keep ``p.grad`` as torch leaves it.
+
 Note [accumulation without communication]
     With gradient_accumulation_steps, the flat gradient buffer is the accumulator: micro-steps
     add this rank's gradients (from ``p.grad``) to it with no communication, and the boundary
@@ -99,7 +111,7 @@ class GradReducer:
     def hook_trainable(self) -> None:
         """Hook every parameter that takes gradients and has no hook yet (one frozen when its
         hooks were placed and unfrozen since: progressive unfreezing)."""
-        if not self.comm.active or not self._finalizer.alive:
+        if not self._finalizer.alive:
             return
         me = weakref.ref(self)
         for b, (buffer, hooked) in enumerate(zip(self.buffers, self._hooked)):
@@ -117,6 +129,10 @@ class GradReducer:
         """Post-accumulate-grad hook: stage a gradient, start the buckets now complete."""
         if not (self.sync_enabled and self.update_step):
             return  # accumulate: gradients stay in p.grad until step()
+        if not self.comm.active:
+            if self.starts_cycle:
+                self._bind_grad(b, index, param)
+            return
         if not self._in_backward:
             self._begin_backward()
         self._stage(b, index, param.grad)
@@ -146,12 +162,15 @@ class GradReducer:
     def _started(self, b: int) -> bool:
         return self._reductions[b] is not None or self._reduced[b]
 
-    def _stage(self, b: int, index: int, grad: Tensor) -> None:
+    def _refuse_sparse(self, b: int, index: int, grad: Tensor) -> None:
         if grad.is_sparse:
             raise ValueError(
                 "ShardedAdam does not support sparse gradients; got one for parameter "
                 f"'{self.buffers[b].layout.params[index].name}'"
             )
+
+    def _stage(self, b: int, index: int, grad: Tensor) -> None:
+        self._refuse_sparse(b, index, grad)
         buffer = self.buffers[b]
         if self._started(b):
             # Note [late gradients]
@@ -167,6 +186,23 @@ class GradReducer:
             else:
                 view.copy_(grad)
         self._have[b].add(index)
+
+    def _bind_grad(self, b: int, index: int, param: Tensor) -> None:
+        """One process: ``param.grad`` becomes its view of the flat gradient buffer, holding
+        the gradient (Note [gradients in one process])."""
+        view = self.buffers[b].grad_views[index]
+        if not _is_view(param.grad, view):
+            self._stage_in_place(b, index, param.grad, view)
+            param.grad = view
+        self._have[b].add(index)
+
+    def _stage_in_place(self, b: int, index: int, grad: Tensor, view: Tensor) -> None:
+        """One process: ``grad`` is all of this step's gradient of parameter ``index``."""
+        self._refuse_sparse(b, index, grad)
+        if self.starts_cycle:
+            view.copy_(grad)
+        else:  # the boundary micro-step of an accumulation cycle
+            view.add_(grad)
 
     def _start(self, b: int) -> None:
         buffer = self.buffers[b]
@@ -196,19 +232,52 @@ class GradReducer:
 
     def collect(self) -> None:
         """At an update step: stage the gradients still in ``p.grad`` (those without a hook,
-        assigned by hand, or accumulated under ``no_sync()``). Across ranks ``p.grad`` is then
-        released, as the hooks do; in one process it stays, as in torch."""
+        assigned by hand, or accumulated under ``no_sync()``); across ranks ``p.grad`` is then
+        released, as the hooks do. In one process ``p.grad`` is the truth (Note [gradients in
+        one process])."""
+        if not self.comm.active:
+            self._collect_one_process()
+            return
         for b, buffer in enumerate(self.buffers):
             for index, p in enumerate(buffer.params):
-                if p.grad is None or (not self.comm.active and index in self._have[b]):
-                    continue
-                self._stage(b, index, p.grad)
-                if self.comm.active:
+                if p.grad is not None:
+                    self._stage(b, index, p.grad)
+                    p.grad = None
+
+    def _collect_one_process(self) -> None:
+        for b, buffer in enumerate(self.buffers):
+            for index, p in enumerate(buffer.params):
+                if p.grad is None:
+                    self._have[b].discard(index)
+                elif not _is_view(p.grad, buffer.grad_views[index]):
+                    self._stage_in_place(b, index, p.grad, buffer.grad_views[index])
+                    self._have[b].add(index)
+
+    def release_bound_grads(self) -> None:
+        """One process, after an update: drop the ``p.grad`` views of the flat gradient
+        buffer, which the update used as scratch (Note [gradients in one process])."""
+        if self.comm.active:
+            return
+        for buffer in self.buffers:
+            for p, view in zip(buffer.params, buffer.grad_views):
+                if _is_view(p.grad, view):
                     p.grad = None
 
     def accumulate(self) -> None:
         """At a micro-step that does not update: add ``p.grad`` to the accumulators, with no
-        communication (Note [accumulation without communication])."""
+        communication (Note [gradients in one process]
+    With no process group there is nothing to reduce, and a copy of every ``p.grad`` into the
+    flat buffer at ``step()`` cost a second copy of the gradients (+1x their bytes) and a
+    third of the step's time. So the same hooks move each gradient into its place in the flat
+    buffer as backward produces it and make ``p.grad`` that view (DDP's
+    ``gradient_as_bucket_view``): autograd's own tensor is freed at once, a second backward
+    adds into the view in place, and ``p.grad`` stays readable and writable until ``step()``
+    (clipping by hand works). ``p.grad`` is the truth at ``step()``: one assigned by hand is
+    copied in, one set to None counts as no gradient. The update uses the flat gradient as
+    scratch, so ``step()`` takes the gradients: afterwards ``p.grad`` is None, as it is
+    across ranks. Micro-steps of gradient accumulation keep ``p.grad`` as torch leaves it.
+
+Note [accumulation without communication])."""
         for b, buffer in enumerate(self.buffers):
             buffer.allocate_full_grad()
             with_grad = [i for i, p in enumerate(buffer.params) if p.grad is not None]
@@ -343,6 +412,11 @@ class GradReducer:
 
     def late_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._late if t is not None)
+
+
+def _is_view(grad: Tensor | None, view: Tensor) -> bool:
+    """Whether ``grad`` is ``view`` (the same elements of the flat gradient buffer)."""
+    return grad is not None and grad.data_ptr() == view.data_ptr() and grad.shape == view.shape
 
 
 def _grad_ready_hook(reducer_ref: weakref.ref, b: int, index: int, param: Tensor) -> None:

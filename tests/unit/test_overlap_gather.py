@@ -194,7 +194,8 @@ def test_compiled_read_before_any_module_is_refused():
 
     forward(batch(0)).square().mean().backward()
     opt.step()
-    forward(batch(1))  # a module call first: waits, then runs compiled
+    # a module call first: waits, then runs compiled
+    forward(batch(1)).square().mean().backward()
     opt.step()
     with pytest.raises(RuntimeError, match=r"rank 0/1: overlap_param_gather=True cannot .*'scale'"):
         regularised(batch(2))
@@ -237,6 +238,7 @@ def test_user_modes_keep_their_order():
                 out = model(batch(1))
             assert inner.calls > 0
             torch.testing.assert_close(out, reference_model(batch(1)), rtol=0, atol=0)
+            out.square().mean().backward()
             opt.step()  # left in flight when the user's modes exit
         torch.set_default_device(None)  # while in flight
     finally:
