@@ -15,10 +15,23 @@ Note [collectives per backend]
       pairwise:   every rank sends each peer its chunk directly, all posted at once, so the
                   exchange runs asynchronously like a native collective
       all_reduce: all_reduce for gradients, one broadcast per owning rank for parameters
+
+Note [host collectives]
+    A few small collectives decide what the caller does next (which gradients exist on any
+    rank, whether one failed), so Python reads their result. Read from a CUDA tensor, that
+    read waits until the GPU has run everything queued before it: the pipeline of the step
+    drains. Those collectives therefore reduce CPU tensors over a gloo group of the same ranks,
+    ``host_group``, and the read is of host memory. It is the group itself where the group
+    handles CPU tensors (gloo), else a gloo group the communicator creates with the members'
+    ``new_group(..., use_local_synchronization=True)``: only the members of a group construct
+    its communicator, and without it ``new_group`` is a collective of the whole default group
+    that names groups by a counter, so the disjoint subgroups of a 2-D mesh (data-parallel
+    groups) would rendezvous under one name.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 
 import torch
@@ -26,6 +39,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 _AUTO_BY_BACKEND = {"gloo": "pairwise", "nccl": "native"}
+_CPU_BACKENDS = ("gloo", "mpi")  # a group on these reduces CPU tensors itself
+
+FORCE_SEPARATE_HOST_GROUP = False
+"""Give a gloo group a host group of its own, as a NCCL group has (Note [host collectives]):
+tests set it so that the code of the NCCL path runs on gloo."""
 
 
 def default_group(process_group: object | None) -> object | None:
@@ -52,6 +70,22 @@ def resolve_mode(mode: str, group: object | None) -> str:
     return _AUTO_BY_BACKEND.get(str(dist.get_backend(group)), "native")
 
 
+def _reduces_cpu_tensors(group: object) -> bool:
+    """Whether the group's backend takes CPU tensors ("gloo", or "cpu:gloo,cuda:nccl")."""
+    config = dist.get_backend_config(group)
+    by_device = dict(item.split(":", 1) for item in config.split(",") if ":" in item)
+    return by_device.get("cpu", config) in _CPU_BACKENDS
+
+
+def _timeout_of(group: object) -> datetime.timedelta | None:
+    """The group's collective timeout, so that its host group fails as fast; torch has no
+    public getter, so None (new_group's default) where the private one is missing."""
+    try:
+        return group._get_backend(group._device_types[0]).options._timeout
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+
+
 class Pending:
     """Collectives in flight, and what to do with their result once they completed."""
 
@@ -75,8 +109,23 @@ class Communicator:
         self._receive: Tensor | None = None
         self._receive_pool: dict[tuple, list[Tensor]] = {}  # (dtype, device): free buffers
         self._lent_nbytes: dict[int, int] = {}  # pool buffers of reductions in flight, by id
+        self.host_group: object | None = None
+        """The group for collectives of CPU tensors (Note [host collectives])."""
         if self.world_size > 1:
             self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
+            self.host_group = self._host_group()
+
+    def _host_group(self) -> object:
+        """Collective (creating a group on a backend without CPU tensors): the group to
+        reduce CPU tensors over (Note [host collectives])."""
+        if _reduces_cpu_tensors(self.group) and not FORCE_SEPARATE_HOST_GROUP:
+            return self.group
+        return dist.new_group(
+            self._global,
+            timeout=_timeout_of(self.group),
+            backend="gloo",
+            use_local_synchronization=True,
+        )
 
     @property
     def active(self) -> bool:
@@ -188,6 +237,18 @@ class Communicator:
         """Collective: elementwise maximum of a (small) tensor over the ranks, in place."""
         if self.active:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+
+    def host_all_reduce_max_(self, tensor: Tensor) -> None:
+        """Collective: elementwise maximum of a small CPU tensor over the ranks, in place, over
+        the host group, so that its result is read with no device sync (Note [host
+        collectives])."""
+        if tensor.device.type != "cpu":
+            raise ValueError(
+                f"host_all_reduce_max_() reduces CPU tensors (Note [host collectives]); got "
+                f"one on {tensor.device}"
+            )
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group)
 
     def all_gather_objects(self, obj: object) -> list[object]:
         """Collective: every rank's ``obj``, in rank order (just ``[obj]`` in one process)."""

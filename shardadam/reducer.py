@@ -329,27 +329,27 @@ Note [accumulation without communication])."""
     def agree(self, failed: bool) -> tuple[list[list[int]], list[bool], int]:
         """Collective (one small all-reduce): per buffer, the parameters with a gradient on
         any rank (Note [missing gradients across ranks]), whether any rank holds late
-        gradients of it, and the highest rank + 1 that ``failed`` (0: none)."""
+        gradients of it, and the highest rank + 1 that ``failed`` (0: none).
+
+        The flags are a CPU tensor reduced over the host group, read once from host memory:
+        no device sync (Note [host collectives] in ``comm``). One process reads its own sets.
+        """
+        mine = self.comm.rank + 1 if failed else 0
+        if not self.comm.active:
+            return [sorted(have) for have in self._have], [t is not None for t in self._late], mine
         flags = []
         for buffer, have, late in zip(self.buffers, self._have, self._late):
-            flag = torch.zeros(len(buffer.params) + 1, dtype=torch.int32)
-            flag[sorted(have)] = 1
-            flag[-1] = late is not None
-            flags.append(flag)
-        flags.append(torch.tensor([self.comm.rank + 1 if failed else 0], dtype=torch.int32))
-        flat = torch.cat(flags)
-        if self.comm.active:
-            device = self.buffers[0].device if self.buffers else flat.device
-            on_device = flat.to(device)
-            self.comm.all_reduce_max_(on_device)
-            flat = on_device.cpu()
+            flags += [int(i in have) for i in range(len(buffer.params))] + [int(late is not None)]
+        flat = torch.tensor([*flags, mine], dtype=torch.int32)
+        self.comm.host_all_reduce_max_(flat)
+        agreed = flat.tolist()  # host memory: the one read of the step (Note [host collectives])
         present, late, offset = [], [], 0
         for buffer in self.buffers:
             n = len(buffer.params)
-            present.append(torch.nonzero(flat[offset : offset + n]).flatten().tolist())
-            late.append(bool(flat[offset + n]))
+            present.append([i for i in range(n) if agreed[offset + i]])
+            late.append(bool(agreed[offset + n]))
             offset += n + 1
-        return present, late, int(flat[-1])
+        return present, late, agreed[-1]
 
     def reduce_late(self, late: list[bool]) -> None:
         """Collective: reduce the late buffers any rank holds (zeros where this rank has
