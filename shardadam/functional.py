@@ -16,6 +16,19 @@ Note [Keras scalars]
     drifts from Keras by several 1e-6 within 50 steps. ``update_scalars`` therefore computes
     them in the compute dtype and hands them to the kernel as one small tensor, so that a new
     learning rate never recompiles the kernel.
+
+Note [no host sync in the step]
+    On CUDA a read of a device tensor's value by Python (``.item()``, ``.tolist()``, ``if t:``,
+    ``float(t)``) waits until the GPU has run everything queued before it, draining the
+    pipeline of the step. So the kernels never read a device tensor: the compiled one takes the
+    scalars as a tensor; the eager one takes its Python floats from the host copy of the
+    packed scalars, which ``update_scalars`` builds on the CPU anyway, and multiplies by a
+    global-clip factor that lives on the device without reading it. The clipping helpers
+    below stay on the device too. Host reads left in the step, all of host memory: the eager
+    kernel's floats; the agreement across ranks (Note [host collectives] in ``comm``); a
+    schedule's learning rate; and, at the first step with a new mask only, the ranges of
+    ``_runs_without_grad``. A learning rate (or beta) given as a device tensor is read to the
+    host each step: give a float or a CPU tensor.
 """
 
 from __future__ import annotations
@@ -162,6 +175,8 @@ def adam_shard_step_inplace_(
     decay_mask: Tensor | None,
     grad_mask: Tensor | None,
     scalars: Tensor,
+    host_scalars: Tensor | None = None,
+    grad_scale: Tensor | None = None,
 ) -> Tensor:
     """``adam_shard_step_`` for eager mode: the same operations, in place.
 
@@ -171,15 +186,22 @@ def adam_shard_step_inplace_(
     ``grad_mask`` the whole shard is updated in place too, then the elements without a
     gradient (a few parameters' ranges, kept from before the update) get their old values
     back and their EMA advanced towards them: Note [eager steps without some gradients].
+
+    Note [no host sync in the step]: ``host_scalars`` are ``scalars`` in host memory, whose
+    floats the scalar kernels take (None: copied from ``scalars``, a host sync where those are
+    on a device); ``grad_scale``, a 0-d tensor on the shard's device, is the global-clip
+    factor, multiplied without being read (None: the factor among the scalars).
     """
-    s = UpdateScalars(*scalars.tolist())  # Python floats: scalar kernels, one host sync
+    if host_scalars is None:
+        host_scalars = scalars.cpu()  # called without them: a device sync if scalars are on one
+    s = UpdateScalars(*host_scalars.tolist())  # host memory: no device sync
     weights = param if master is None else master
     state = [t for t in (weights, exp_avg, exp_avg_sq, exp_avg_sq_max, ema) if t is not None]
     kept = []
     if grad_mask is not None:
         kept = [(run, [t[run].clone() for t in state]) for run in _runs_without_grad(grad_mask)]
     grad_sq = _adam_inplace_(param, grad, exp_avg, exp_avg_sq, exp_avg_sq_max, ema, master,
-                             decay_mask, s)  # fmt: skip
+                             decay_mask, s, grad_scale)  # fmt: skip
     for run, old in kept:
         for now, was in zip(state, old):
             now[run] = was
@@ -230,12 +252,16 @@ def _adam_inplace_(
     master: Tensor | None,
     decay_mask: Tensor | None,
     s: UpdateScalars,
+    grad_scale: Tensor | None,
 ) -> Tensor:
-    """The in-place update of every element, with the scalars as Python floats."""
+    """The in-place update of every element, with the scalars as Python floats (and
+    ``grad_scale``, where given, as a tensor: Note [no host sync in the step])."""
     weights = param if master is None else master
     g = grad if grad.dtype == weights.dtype else grad.to(weights.dtype)
     grad_sq = torch.dot(g, g)
-    if s.grad_scale != 1.0:
+    if grad_scale is not None:
+        g.mul_(grad_scale)
+    elif s.grad_scale != 1.0:
         g.mul_(s.grad_scale)
     if math.isfinite(s.clip_value):
         g.clamp_(-s.clip_value, s.clip_value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -815,8 +816,10 @@ class ShardedAdam(torch.optim.Optimizer):
         frequency = self.options.ema_overwrite_frequency
         return momentum, bool(frequency) and (self.iterations + 1) % frequency == 0
 
-    def _update_scalars(self) -> list[Tensor]:
-        """Per buffer, the packed UpdateScalars of this step, on the buffer's device."""
+    def _update_scalars(self) -> list[tuple[Tensor, Tensor]]:
+        """Per buffer, the packed UpdateScalars of this step: in host memory (the eager
+        kernel's floats) and on the buffer's device (Note [no host sync in the step] in
+        ``functional``)."""
         ema_momentum, ema_overwrite = self._ema_scalars()
         per_group = []
         for index, group in enumerate(self.param_groups):
@@ -840,18 +843,36 @@ class ShardedAdam(torch.optim.Optimizer):
                 ema_overwrite=ema_overwrite,
                 dtype=_compute_dtype(buffer.dtype),
             )
-            scalars.append(packed.to(buffer.device, non_blocking=True))
+            # From pageable memory the host waits for the CUDA stream to copy; pinned, the copy
+            # is queued. A new pinned tensor each step: the caching host allocator keeps each
+            # until its copy has run.
+            source = packed.pin_memory() if buffer.device.type == "cuda" else packed
+            scalars.append((packed, source.to(buffer.device, non_blocking=True)))
         return scalars
 
     def _update_shards(
-        self, scalars: list[Tensor], grad_masks: list[Tensor | None], grad_scale: Tensor | None
+        self,
+        scalars: list[tuple[Tensor, Tensor]],
+        grad_masks: list[Tensor | None],
+        grad_scale: Tensor | None,
     ) -> list[Tensor]:
-        """Update every owned shard; per buffer, the local squared norm of its gradient."""
+        """Update every owned shard; per buffer, the local squared norm of its gradient.
+
+        ``scalars``: per buffer, the packed scalars on the host and on the device (see
+        ``_update_scalars``); ``grad_scale``: the global-clip factor, on the device."""
         grad_sq = []
         for b, (buffer, state) in enumerate(zip(self.buffers, self.shard_states)):
             group = self.param_groups[self._buffer_groups[b]]
+            host_scalars, device_scalars = scalars[b]
+            device_grad_scale = None
             if grad_scale is not None:
-                scalars[b][_GRAD_SCALE] = grad_scale.to(scalars[b].dtype)
+                device_scalars[_GRAD_SCALE] = grad_scale.to(device_scalars.dtype)
+                device_grad_scale = device_scalars[_GRAD_SCALE]
+            # Note [no host sync in the step] (in ``functional``): the eager kernel takes its
+            # floats from the host copy and the clip factor as a tensor.
+            eager = functools.partial(
+                adam_shard_step_inplace_, host_scalars=host_scalars, grad_scale=device_grad_scale
+            )
             if group["amsgrad"] and state.exp_avg_sq_max is None:
                 state.exp_avg_sq_max = torch.zeros_like(state.exp_avg_sq)
                 self._bind_param_state(b)
@@ -859,7 +880,7 @@ class ShardedAdam(torch.optim.Optimizer):
             grad_sq.append(
                 self._runner(
                     adam_shard_step_,
-                    adam_shard_step_inplace_,
+                    eager,
                     buffer.shard_param,
                     buffer.shard_grad,
                     state.exp_avg,
@@ -869,7 +890,7 @@ class ShardedAdam(torch.optim.Optimizer):
                     state.master,
                     decay_mask,
                     grad_masks[b],
-                    scalars[b],
+                    device_scalars,
                 )
             )
         return grad_sq
