@@ -332,6 +332,7 @@ def clip_by_norm_(pieces: list[Tensor], param_sq_norms: list[Tensor], clipnorm: 
 
 def global_clip_scale(global_norm: Tensor, global_clipnorm: float) -> Tensor:
     """Keras's factor for clipping by global norm: 1 below the threshold, NaN for a NaN/inf norm."""
+    # A CPU scalar beside a device tensor: the kernel takes its value from host memory.
     inverse = torch.minimum(
         1.0 / global_norm, torch.tensor(1.0 / global_clipnorm, dtype=global_norm.dtype)
     )

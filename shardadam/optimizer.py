@@ -791,6 +791,9 @@ class ShardedAdam(torch.optim.Optimizer):
                 "to drive it with a torch LR scheduler"
             )
         value = schedule(self._micro_steps) if _is_step_schedule(schedule) else schedule()
+        # Note [no host sync in the step] (in ``functional``): the scalars are formed on the
+        # host, so the value is read there: from host memory for the CPU tensors that
+        # shardadam.schedules return, with a device sync for a schedule returning a CUDA one.
         value = float(value)
         if not (value >= 0 and math.isfinite(value)):
             raise ValueError(f"Invalid learning rate from the schedule: {value} (expected >= 0)")
