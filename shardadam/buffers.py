@@ -7,8 +7,9 @@ Gradients are gathered into a flat gradient buffer of the same layout and reduce
 Note [gradient storage per stage]
     In one process, and at stage 1, the flat gradient buffer is kept and the shard gradient is
     a view of it. At stage 2 across ranks the full buffer lives only from the gathering of the
-    gradients to their reduce-scatter; the reduced shard has storage of its own, so a rank
-    keeps 1/world_size of the gradients between steps.
+    gradients to their reduce-scatter, in a tensor lent by the reducer's pool (shared by all
+    buckets, a few at a time); the reduced shard has storage of its own, so a rank keeps
+    1/world_size of the gradients between steps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .layout import BufferLayout, Range, ShardPiece
+from .pool import StoragePool
 
 _MASKS_KEPT = 8  # shard masks cached per buffer
 
@@ -47,6 +49,7 @@ class FlatBuffer:
         self._view_ptrs = [self.param_view(span.index).data_ptr() for span in layout.params]
         self.keep_full_grad = keep_full_grad
         self.flat_grad: Tensor | None = None
+        self._grad_storage: Tensor | None = None  # lent by a pool (stage 2)
         if keep_full_grad:
             self.allocate_full_grad()
             self.shard_grad = self.flat_grad[self.shard.slice]
@@ -57,18 +60,31 @@ class FlatBuffer:
             [p.param_index for p in self.pieces], dtype=torch.long, device=self.device
         )
 
-    def allocate_full_grad(self) -> Tensor:
-        """The full flat gradient buffer, allocated if it was released (stage 2)."""
+    def allocate_full_grad(self, pool: StoragePool | None = None, zeroed: bool = True) -> Tensor:
+        """The full flat gradient buffer, allocated if it was released (stage 2): from
+        ``pool`` if given, zeroed unless ``zeroed=False`` (the caller writes every element
+        before reading any)."""
         if self.flat_grad is None:
-            self.flat_grad = torch.zeros_like(self.flat_param)
+            numel = self.layout.padded_numel
+            if pool is None:
+                self.flat_grad = torch.zeros_like(self.flat_param)
+            else:
+                self._grad_storage = pool.lend(numel, self.dtype, self.device)
+                self.flat_grad = self._grad_storage[:numel]
+                if zeroed:
+                    self.flat_grad.zero_()
             self.grad_views = [self.grad_view(span.index) for span in self.layout.params]
             # The update may use the gradient as scratch space; step() re-zeroes the padding.
             self.grad_padding_views = [self.flat_grad[g.slice] for g in self.layout.padding()]
         return self.flat_grad
 
-    def release_full_grad(self) -> None:
-        """Drop the full gradient buffer once reduced, where the shard has its own storage."""
+    def release_full_grad(self, pool: StoragePool | None = None) -> None:
+        """Drop the full gradient buffer once reduced, where the shard has its own storage
+        (back to ``pool`` if it came from there)."""
         if not self.keep_full_grad:
+            if self._grad_storage is not None and pool is not None:
+                pool.give_back(self._grad_storage)
+            self._grad_storage = None
             self.flat_grad = None
             self.grad_views = []
             self.grad_padding_views = []

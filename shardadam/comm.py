@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .pool import ByteMeter, StoragePool
+
 _AUTO_BY_BACKEND = {"gloo": "pairwise", "nccl": "native"}
 _CPU_BACKENDS = ("gloo", "mpi")  # a group on these reduces CPU tensors itself
 
@@ -102,13 +104,14 @@ class Pending:
 class Communicator:
     """The collectives of one process group in one mode (see Note [collectives per backend])."""
 
-    def __init__(self, group: object | None, mode: str) -> None:
+    def __init__(self, group: object | None, mode: str, meter: ByteMeter | None = None) -> None:
+        """``meter`` counts the bytes of the receive buffers (the optimizer's memory report)."""
         self.group = group
         self.rank, self.world_size = rank_and_world_size(group)
         self.mode = resolve_mode(mode, group)
-        self._receive: Tensor | None = None
-        self._receive_pool: dict[tuple, list[Tensor]] = {}  # (dtype, device): free buffers
-        self._lent_nbytes: dict[int, int] = {}  # pool buffers of reductions in flight, by id
+        # Receive buffers of the ring and pairwise modes, one per collective in flight (Note
+        # [reductions in flight at stage 2] in ``reducer``), reused for buckets of one size.
+        self._receive_pool = StoragePool(meter)
         self.host_group: object | None = None
         """The group for collectives of CPU tensors (Note [host collectives])."""
         if self.world_size > 1:
@@ -132,12 +135,13 @@ class Communicator:
         return self.world_size > 1
 
     def buffer_nbytes(self) -> int:
-        """Bytes of the receive buffers this communicator keeps for reuse (ring and pairwise
-        modes), those of reductions in flight included."""
-        kept = [self._receive] if self._receive is not None else []
-        kept += [t for free in self._receive_pool.values() for t in free]
-        in_flight = sum(self._lent_nbytes.values())
-        return sum(t.numel() * t.element_size() for t in kept) + in_flight
+        """Bytes of the receive buffers this communicator holds (ring and pairwise modes),
+        those of reductions in flight included."""
+        return self._receive_pool.nbytes()
+
+    def release_buffers(self) -> None:
+        """Drop the receive buffers no collective in flight uses (until the next needs one)."""
+        self._receive_pool.release()
 
     def _chunks(self, flat: Tensor) -> list[Tensor]:
         return list(flat.view(self.world_size, -1).unbind(0))
@@ -274,7 +278,7 @@ class Communicator:
         # peer into buffers of their own, and are added once all have arrived.
         chunks = self._chunks(flat)
         shape = (self.world_size - 1, chunks[0].numel())
-        storage = self._lend_receive_buffer(shape[0] * shape[1], flat)
+        storage = self._receive_pool.lend(shape[0] * shape[1], flat.dtype, flat.device)
         received = storage[: shape[0] * shape[1]].view(shape)
         peers = [p for p in range(self.world_size) if p != self.rank]
         works = []
@@ -287,39 +291,17 @@ class Communicator:
             for partial in received[1:]:
                 shard.add_(partial)
             shard.div_(self.world_size)
-            self._return_receive_buffer(storage, flat)
+            self._receive_pool.give_back(storage)
 
         return Pending(works, finish)
-
-    def _lend_receive_buffer(self, numel: int, like: Tensor) -> Tensor:
-        """A 1-D buffer of at least ``numel`` elements for one reduction in flight.
-
-        Buffers come back to the pool when their reduction finishes (fresh ones would cost
-        page faults on every call), and serve any bucket as large or smaller: the pool holds
-        as many as reductions were ever in flight at once (Note [reductions in flight at stage
-        2] in ``reducer``), each as large as the largest bucket, not one per bucket shape."""
-        free = self._receive_pool.setdefault((like.dtype, like.device), [])
-        sizes = [t.numel() for t in free]  # (by position: tensors compare element-wise)
-        fitting = [i for i, n in enumerate(sizes) if n >= numel]
-        if fitting:
-            storage = free.pop(min(fitting, key=sizes.__getitem__))
-        else:
-            if free:  # replaced by a larger one, so that the pool does not grow in count
-                free.pop(max(range(len(free)), key=sizes.__getitem__))
-            storage = torch.empty(numel, dtype=like.dtype, device=like.device)
-        self._lent_nbytes[id(storage)] = storage.numel() * storage.element_size()
-        return storage
-
-    def _return_receive_buffer(self, storage: Tensor, like: Tensor) -> None:
-        del self._lent_nbytes[id(storage)]
-        self._receive_pool[(like.dtype, like.device)].append(storage)
 
     def _ring_reduce_scatter_(self, flat: Tensor, shard: Tensor) -> None:
         # At step s rank r passes on its partial sum of chunk r-s-1 and adds the one of chunk
         # r-s-2 from the left; after W-1 steps chunk r holds the sum over all ranks. The last
         # addition writes straight into ``shard``.
         chunks = self._chunks(flat)
-        incoming = self._receive_buffer(chunks[0])
+        storage = self._receive_pool.lend(chunks[0].numel(), flat.dtype, flat.device)
+        incoming = storage[: chunks[0].numel()]
         w, r = self.world_size, self.rank
         for s in range(w - 1):
             self._exchange(chunks[(r - s - 1) % w], incoming)
@@ -328,16 +310,7 @@ class Communicator:
                 torch.add(chunks[target], incoming, out=shard)
             else:
                 chunks[target].add_(incoming)
-
-    def _receive_buffer(self, like: Tensor) -> Tensor:
-        # Reused across calls: a fresh buffer of this size costs page faults every time.
-        if (
-            self._receive is None
-            or self._receive.shape != like.shape
-            or (self._receive.dtype != like.dtype or self._receive.device != like.device)
-        ):
-            self._receive = torch.empty_like(like)
-        return self._receive
+        self._receive_pool.give_back(storage)
 
     def _ring_all_gather_(self, chunks: list[Tensor]) -> None:
         # At step s rank r passes on chunk r-s and receives chunk r-s-1 in place.

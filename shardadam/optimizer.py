@@ -41,6 +41,7 @@ from .functional import (
 from .gather import ParamGather
 from .kernels import UpdateRunner
 from .layout import Range, build_layout
+from .pool import ByteMeter
 from .reducer import GradReducer
 
 _GRAD_SCALE = UpdateScalars._fields.index("grad_scale")
@@ -163,7 +164,8 @@ class ShardedAdam(torch.optim.Optimizer):
             )
         self.sharding = ShardingOptions(**sharding_options)
         self.process_group = comm.default_group(process_group)
-        self.comm = comm.Communicator(self.process_group, self.sharding.comm)
+        self._memory_meter = ByteMeter()  # the buffers lent during steps, for memory_report
+        self.comm = comm.Communicator(self.process_group, self.sharding.comm, self._memory_meter)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
 
         _refuse_set(params, "")
@@ -184,7 +186,9 @@ class ShardedAdam(torch.optim.Optimizer):
         self.buffers: list[FlatBuffer] = []
         self.shard_states: list[ShardState] = []
         self._buffer_groups: list[int] = []
-        self._reducer = GradReducer(self.comm, self.buffers, self.sharding.stage)
+        self._reducer = GradReducer(
+            self.comm, self.buffers, self.sharding.stage, self._memory_meter
+        )
         self._micro_steps = 0
         self._position_of: dict[int, tuple[int, int]] = {}
         """id(parameter) -> (its buffer, its index in the buffer)."""
@@ -929,27 +933,31 @@ class ShardedAdam(torch.optim.Optimizer):
         self._param_gather.wait(params)
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes this rank holds, by kind.
+        """Bytes this rank holds, by kind, and the most it held at once (``peak``).
 
-        ``optimizer_state`` sums the sharded state (moments, AMSGrad maxima, EMA, fp32 master,
-        accumulators); ``grad_shards`` the reduced gradient shards with storage of their own;
-        ``full_grad_buffers`` the full flat gradient buffers currently allocated (none between
-        steps at stage 2 across ranks); ``comm_buffers`` the receive buffers the ring and
-        pairwise collectives keep for reuse; ``param_buffers`` the flat parameters (the
-        model's).
+        ``optimizer_state`` sums the sharded state (moments, AMSGrad maxima, EMA, fp32 master);
+        ``grad_shards`` the reduced gradient shards with storage of their own (stage 2);
+        ``full_grad_buffers`` the full flat gradient buffers (kept in one process and at stage
+        1; at stage 2 those of the few buckets being gathered or reduced, lent from a pool
+        that is emptied at the end of each step); ``late_grad_buffers`` gradients that arrived
+        after their bucket's reduction started; ``comm_buffers`` the receive buffers of the
+        ring and pairwise collectives in flight or kept within the step; ``param_buffers``
+        the flat parameters (the model's). ``peak`` is the most bytes of all these held at
+        once since construction or ``reset_memory_peak()``.
         """
 
         def nbytes(tensors: Iterable[Tensor | None]) -> int:
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
         states = self.shard_states
+        kept_grads = nbytes(b.flat_grad for b in self.buffers if b.keep_full_grad)
         report = {
             "moments": nbytes(t for s in states for t in (s.exp_avg, s.exp_avg_sq)),
             "amsgrad_max": nbytes(s.exp_avg_sq_max for s in states),
             "ema": nbytes(s.ema for s in states),
             "master_weights": nbytes(s.master for s in states),
             "grad_shards": nbytes(b.shard_grad for b in self.buffers if not b.keep_full_grad),
-            "full_grad_buffers": nbytes(b.flat_grad for b in self.buffers),
+            "full_grad_buffers": kept_grads + self._reducer.grad_pool_nbytes(),
             "late_grad_buffers": self._reducer.late_nbytes(),
             "comm_buffers": self.comm.buffer_nbytes(),
             "param_buffers": nbytes(b.flat_param for b in self.buffers),
@@ -957,7 +965,15 @@ class ShardedAdam(torch.optim.Optimizer):
         report["optimizer_state"] = sum(
             report[k] for k in ("moments", "amsgrad_max", "ema", "master_weights")
         )
+        # Held throughout (allocated at construction, or lazily and then kept), plus the
+        # most that the pools and late buffers lent at once.
+        held = report["optimizer_state"] + report["grad_shards"] + kept_grads
+        report["peak"] = held + report["param_buffers"] + self._memory_meter.peak_nbytes
         return report
+
+    def reset_memory_peak(self) -> None:
+        """Start ``memory_report()["peak"]`` again from what is held now."""
+        self._memory_meter.reset_peak()
 
     # ------------------------------------------------------------------ the EMA
 

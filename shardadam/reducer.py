@@ -16,9 +16,13 @@ Note [reductions in flight at stage 2]
     A bucket's full gradient buffer (and, in pairwise mode, its receive buffer) lives until its
     reduce-scatter completes; kept to step(), every bucket's would be alive at once, the whole
     model's gradients on every rank. So at most _REDUCTIONS_IN_FLIGHT reductions are in flight:
-    starting one more first waits for the oldest, whose full buffer is then released. Every
+    starting one more first waits for the oldest, whose full buffer goes back to a pool. Every
     rank starts the buckets in the same order, so the oldest one's peers have started it too.
-    A rank holds for gradients its shards plus a few buckets' full buffers.
+    The pool's buffers serve any bucket as large or smaller, so a backward reuses about three
+    (two in flight, one being filled) instead of allocating one per bucket (page faults, heap
+    fragmentation on CPU); the spare ones are dropped when backward ends and all at the end of
+    the step. A rank so holds for gradients its shards, plus two buckets' full buffers (and
+    receive buffers) once backward returned, and only its shards between steps.
 
 Note [late gradients]
     A gradient can arrive for a bucket whose reduction has already started: a second backward
@@ -60,6 +64,7 @@ from torch import Tensor
 
 from . import comm
 from .buffers import FlatBuffer
+from .pool import ByteMeter, StoragePool, tensor_nbytes
 
 _REDUCTIONS_IN_FLIGHT = 2  # stage 2: Note [reductions in flight at stage 2]
 
@@ -72,8 +77,20 @@ class GradReducer:
     (``sync_enabled``, ``update_step``, ``starts_cycle``) before any backward of it.
     """
 
-    def __init__(self, communicator: comm.Communicator, buffers: list[FlatBuffer], stage: int):
+    def __init__(
+        self,
+        communicator: comm.Communicator,
+        buffers: list[FlatBuffer],
+        stage: int,
+        meter: ByteMeter | None = None,
+    ) -> None:
+        """``meter`` counts the bytes of the full gradient buffers lent at stage 2 and of the
+        late buffers (the optimizer's memory report)."""
         self.comm = communicator
+        self._meter = meter or ByteMeter()
+        self._grad_pool = StoragePool(self._meter)
+        """Stage 2: the full gradient buffers, a few lent at a time (Note [reductions in
+        flight at stage 2])."""
         self.buffers = buffers
         self.stage = stage
         self.sync_enabled = True
@@ -156,6 +173,9 @@ class GradReducer:
         self._in_backward = False
         for b in range(self._next, len(self.buffers)):
             self._start(b)
+        # Only the reductions in flight need buffers until step(): the spare ones go.
+        self._grad_pool.release()
+        self.comm.release_buffers()
 
     # ------------------------------------------------------------------ staging
 
@@ -175,11 +195,11 @@ class GradReducer:
         if self._started(b):
             # Note [late gradients]
             if self._late[b] is None:
-                self._late[b] = torch.zeros_like(buffer.flat_param)
+                self._set_late(b, torch.zeros_like(buffer.flat_param))
             span = buffer.layout.params[index]
             self._late[b][span.flat.slice].view(span.shape).add_(grad)
         else:
-            buffer.allocate_full_grad()
+            buffer.allocate_full_grad(self._grad_pool, zeroed=not self.starts_cycle)
             view = buffer.grad_views[index]
             if index in self._have[b] or not self.starts_cycle:
                 view.add_(grad)
@@ -206,7 +226,7 @@ class GradReducer:
 
     def _start(self, b: int) -> None:
         buffer = self.buffers[b]
-        buffer.allocate_full_grad()
+        buffer.allocate_full_grad(self._grad_pool, zeroed=not self.starts_cycle)
         if self.starts_cycle:
             # Scratch from the last update: padding, and the views of parameters without a
             # gradient this step.
@@ -265,21 +285,9 @@ class GradReducer:
 
     def accumulate(self) -> None:
         """At a micro-step that does not update: add ``p.grad`` to the accumulators, with no
-        communication (Note [gradients in one process]
-    With no process group there is nothing to reduce, and a copy of every ``p.grad`` into the
-    flat buffer at ``step()`` cost a second copy of the gradients (+1x their bytes) and a
-    third of the step's time. So the same hooks move each gradient into its place in the flat
-    buffer as backward produces it and make ``p.grad`` that view (DDP's
-    ``gradient_as_bucket_view``): autograd's own tensor is freed at once, a second backward
-    adds into the view in place, and ``p.grad`` stays readable and writable until ``step()``
-    (clipping by hand works). ``p.grad`` is the truth at ``step()``: one assigned by hand is
-    copied in, one set to None counts as no gradient. The update uses the flat gradient as
-    scratch, so ``step()`` takes the gradients: afterwards ``p.grad`` is None, as it is
-    across ranks. Micro-steps of gradient accumulation keep ``p.grad`` as torch leaves it.
-
-Note [accumulation without communication])."""
+        communication (Note [accumulation without communication])."""
         for b, buffer in enumerate(self.buffers):
-            buffer.allocate_full_grad()
+            buffer.allocate_full_grad(self._grad_pool, zeroed=not self.starts_cycle)
             with_grad = [i for i, p in enumerate(buffer.params) if p.grad is not None]
             for i in with_grad:
                 if buffer.params[i].grad.is_sparse:
@@ -324,7 +332,7 @@ Note [accumulation without communication])."""
         self._in_flight.popleft()
         self._reduced[b] = True
         if self.stage == 2:
-            self.buffers[b].release_full_grad()
+            self.buffers[b].release_full_grad(self._grad_pool)
 
     def agree(self, failed: bool) -> tuple[list[list[int]], list[bool], int]:
         """Collective (one small all-reduce): per buffer, the parameters with a gradient on
@@ -367,7 +375,7 @@ Note [accumulation without communication])."""
                 shard = flat[buffer.shard.slice]
             reduction = self.comm.start_reduce(flat, shard, scatter=self.stage == 2)
             pending.append((reduction, buffer, flat, shard))
-            self._late[b] = None
+            self._set_late(b, None)
         for reduction, buffer, flat, shard in pending:
             reduction.wait()
             if self.stage == 2:
@@ -381,12 +389,23 @@ Note [accumulation without communication])."""
         self._wait()
         for b, buffer in enumerate(self.buffers):
             if self.stage == 2 and self._have[b]:
-                buffer.release_full_grad()
+                buffer.release_full_grad(self._grad_pool)
             self._have[b] = set()
             self._reduced[b] = False
-            self._late[b] = None
+            self._set_late(b, None)
         self._next = 0
         self._in_backward = False
+        # Between steps a rank holds only its shards (the accumulators stay lent).
+        self._grad_pool.release()
+        self.comm.release_buffers()
+
+    def _set_late(self, b: int, late: Tensor | None) -> None:
+        """Replace bucket ``b``'s late gradients, keeping the meter's count."""
+        if self._late[b] is not None:
+            self._meter.remove(tensor_nbytes(self._late[b]))
+        if late is not None:
+            self._meter.add(tensor_nbytes(late))
+        self._late[b] = late
 
     def has_staged(self) -> bool:
         """Whether gradients are staged, reducing or reduced for the coming update."""
@@ -405,13 +424,17 @@ Note [accumulation without communication])."""
     def restore_accumulated(self, b: int, sums: dict[int, Tensor]) -> None:
         """Put back this rank's local gradient sums of buffer ``b`` (by parameter index)."""
         buffer = self.buffers[b]
-        buffer.allocate_full_grad().zero_()
+        buffer.allocate_full_grad(self._grad_pool)
         for index, values in sums.items():
             buffer.grad_views[index].copy_(values)
         self._accumulated[b] = set(sums)
 
     def late_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._late if t is not None)
+        return sum(tensor_nbytes(t) for t in self._late if t is not None)
+
+    def grad_pool_nbytes(self) -> int:
+        """Bytes of the stage-2 full gradient buffers held now (lent or free)."""
+        return self._grad_pool.nbytes()
 
 
 def _is_view(grad: Tensor | None, view: Tensor) -> bool:

@@ -1,0 +1,94 @@
+"""Stage 2 across ranks: the bytes held for gradients are the owned shard, plus two buckets
+once backward returned (Note [reductions in flight at stage 2]), counted by memory_report()
+and checked against the tensors actually alive in the process."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from shardadam import ShardedAdam
+from tests.distributed.spawn import run_ranks
+
+WIDTH, DEPTH, STEPS = 192, 8, 3
+BUCKET_CAP_MB = 0.2  # one or two layers per bucket: eight buckets or so
+
+
+def live_tensor_nbytes() -> int:
+    """Bytes of every storage a live Python tensor uses, each storage once."""
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def grad_nbytes(report: dict) -> int:
+    return sum(report[k] for k in ("grad_shards", "full_grad_buffers", "late_grad_buffers"))
+
+
+def train(rank: int, world_size: int) -> dict:
+    return {mode: train_in(rank, mode) for mode in ("pairwise", "native")}
+
+
+def train_in(rank: int, mode: str) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH)])
+    opt = ShardedAdam(
+        model.parameters(),
+        learning_rate=0.01,
+        stage=2,
+        comm=mode,
+        bucket_cap_mb=BUCKET_CAP_MB,
+        jit_compile=False,
+    )
+    gen = torch.Generator().manual_seed(rank)
+    inputs = [torch.randn(4, WIDTH, generator=gen) for _ in range(STEPS)]
+    shard_nbytes = sum(b.shard.numel * b.flat_param.element_size() for b in opt.buffers)
+    bucket_nbytes = sorted(b.flat_param.numel() * b.flat_param.element_size() for b in opt.buffers)
+    rows = []
+    for step in range(STEPS):
+        gc.collect()
+        between = opt.memory_report(), live_tensor_nbytes()
+        loss = model(inputs[step]).square().mean()
+        loss.backward()
+        del loss  # the graph is gone; what backward left is gradients
+        gc.collect()
+        after_backward = opt.memory_report(), live_tensor_nbytes()
+        assert all(p.grad is None for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+        rows.append((between, after_backward))
+    opt.close()
+    return {"shard": shard_nbytes, "buckets": bucket_nbytes, "rows": rows}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_stage_2_holds_the_shard_and_two_buckets(world_size):
+    for rank, per_mode in enumerate(run_ranks(world_size, train)):
+        for mode, got in per_mode.items():
+            label = f"W={world_size} {mode} rank {rank}"
+            two_buckets = sum(got["buckets"][-2:])
+            assert len(got["buckets"]) >= 6, got["buckets"]  # else the bound says nothing
+            model_grads = sum(got["buckets"])
+            for step, ((between, live_between), (after, live_after)) in enumerate(got["rows"]):
+                # Between steps: the shard only (no full buffer, no spare pool buffer).
+                assert grad_nbytes(between) == got["shard"], (label, step, between)
+                assert between["comm_buffers"] == 0, (label, step, between)
+                # Once backward returned: at most two buckets in flight, of the whole model.
+                held = grad_nbytes(after) - got["shard"]
+                assert held <= two_buckets < model_grads / 2, (label, step, held)
+                received = after["comm_buffers"]
+                assert received <= two_buckets * (world_size - 1) // world_size, (label, received)
+                if mode == "native":
+                    assert received == 0
+                # The report is what is alive: backward added exactly those buffers.
+                grown = live_after - live_between
+                lent = held + received
+                assert abs(grown - lent) <= 16 * 1024, (label, step, grown, lent)
+                if step:  # the peak covers at least what was held at once
+                    assert after["peak"] >= grad_nbytes(after) + after["param_buffers"]
