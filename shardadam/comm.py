@@ -112,15 +112,20 @@ class Communicator:
         # Receive buffers of the ring and pairwise modes, one per collective in flight (Note
         # [reductions in flight at stage 2] in ``reducer``), reused for buckets of one size.
         self._receive_pool = StoragePool(meter)
-        self.host_group: object | None = None
-        """The group for collectives of CPU tensors (Note [host collectives])."""
+        self._host_group: object | None = None
         if self.world_size > 1:
             self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
-            self.host_group = self._host_group()
 
-    def _host_group(self) -> object:
-        """Collective (creating a group on a backend without CPU tensors): the group to
-        reduce CPU tensors over (Note [host collectives])."""
+    @property
+    def host_group(self) -> object | None:
+        """The group for collectives of CPU tensors (Note [host collectives]), made at its
+        first use (a collective there, where it is a group of its own): communicators that
+        never reduce host tensors (checkpointing's) create none."""
+        if self._host_group is None and self.active:
+            self._host_group = self._make_host_group()
+        return self._host_group
+
+    def _make_host_group(self) -> object:
         if _reduces_cpu_tensors(self.group) and not FORCE_SEPARATE_HOST_GROUP:
             return self.group
         return dist.new_group(
