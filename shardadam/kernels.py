@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import platform
 import socket
 import sys
 import types
@@ -139,7 +140,20 @@ def _runtime_stamp() -> str:
         files = [(n, os.stat(os.path.join(torch_libs, n)).st_mtime_ns) for n in names]
     except OSError:
         return ""
-    return repr((torch_libs, files, torch.__version__, sys.executable, socket.gethostname()))
+    host = (socket.gethostname(), _cpu_identity())
+    return repr((torch_libs, files, torch.__version__, sys.executable, host))
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and instruction-set flags: a cache directory shared by machines of one
+    name but another CPU (containers, a shared file system) must not take this one's probes,
+    whose instructions that CPU may lack."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            lines = [line for line in file if line.startswith(("model name", "flags"))]
+    except OSError:
+        return platform.processor() or platform.machine()
+    return "".join(sorted(set(lines)))
 
 
 def _write_replacing(path: str, text: str) -> None:
