@@ -78,6 +78,26 @@ class FlatBuffer:
             self.grad_padding_views = [self.flat_grad[g.slice] for g in self.layout.padding()]
         return self.flat_grad
 
+    def can_adopt_grad(self, grad: Tensor) -> bool:
+        """Whether ``grad`` can serve as this buffer's full gradient as it is (stage 2): the
+        buffer holds one parameter and no padding, and ``grad`` has its layout."""
+        return (
+            not self.keep_full_grad
+            and self.flat_grad is None
+            and len(self.params) == 1
+            and grad.numel() == self.layout.padded_numel
+            and grad.is_contiguous()
+            and grad.dtype == self.dtype
+            and grad.device == self.device
+            and not grad.requires_grad
+        )
+
+    def adopt_full_grad(self, grad: Tensor) -> None:
+        """Take ``grad`` (see ``can_adopt_grad``) as the full gradient, with no copy."""
+        self.flat_grad = grad.view(-1)
+        self.grad_views = [grad]
+        self.grad_padding_views = []
+
     def release_full_grad(self, pool: StoragePool | None = None) -> None:
         """Drop the full gradient buffer once reduced, where the shard has its own storage
         (back to ``pool`` if it came from there)."""

@@ -139,6 +139,12 @@ class Communicator:
     def active(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def scatter_reads_only(self) -> bool:
+        """Whether ``start_reduce(scatter=True)`` leaves its ``flat`` input as it was (the
+        native and pairwise modes; the ring and all-reduce modes sum into it)."""
+        return self.mode in ("native", "pairwise")
+
     def buffer_nbytes(self) -> int:
         """Bytes of the receive buffers this communicator holds (ring and pairwise modes),
         those of reductions in flight included."""

@@ -957,7 +957,7 @@ class ShardedAdam(torch.optim.Optimizer):
             "ema": nbytes(s.ema for s in states),
             "master_weights": nbytes(s.master for s in states),
             "grad_shards": nbytes(b.shard_grad for b in self.buffers if not b.keep_full_grad),
-            "full_grad_buffers": kept_grads + self._reducer.grad_pool_nbytes(),
+            "full_grad_buffers": kept_grads + self._reducer.full_grad_nbytes(),
             "late_grad_buffers": self._reducer.late_nbytes(),
             "comm_buffers": self.comm.buffer_nbytes(),
             "param_buffers": nbytes(b.flat_param for b in self.buffers),

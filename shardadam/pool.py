@@ -67,6 +67,10 @@ class StoragePool:
             self._meter.remove(tensor_nbytes(storage))
         self._free.clear()
 
+    def free_nbytes(self) -> int:
+        """Bytes of the tensor kept for reuse (none lent)."""
+        return sum(tensor_nbytes(t) for t in self._free.values())
+
     def nbytes(self) -> int:
         """Bytes of every tensor the pool holds, free or lent."""
         held = [*self._free.values(), *self._lent.values()]

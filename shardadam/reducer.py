@@ -24,6 +24,14 @@ Note [reductions in flight at stage 2]
     the step. A rank so holds for gradients its shards, plus two buckets' full buffers (and
     receive buffers) once backward returned, and only its shards between steps.
 
+Note [gradients taken as they are]
+    At stage 2 a bucket of one parameter without padding (a weight larger than
+    ``bucket_cap_mb``; in models without biases, most of them) has the layout of the gradient
+    autograd produced for it. In the modes whose reduce-scatter only reads its input (native,
+    pairwise), that tensor itself is reduced: no copy into a staging buffer, whose bytes and
+    time were most of backward's gradient traffic. A second gradient of the same step goes
+    into a pool buffer, never into autograd's tensor.
+
 Note [late gradients]
     A gradient can arrive for a bucket whose reduction has already started: a second backward
     before ``step()``, reentrant activation checkpointing of a shared layer (its inner
@@ -91,6 +99,9 @@ class GradReducer:
         self._grad_pool = StoragePool(self._meter)
         """Stage 2: the full gradient buffers, a few lent at a time (Note [reductions in
         flight at stage 2])."""
+        self._adopted: set[int] = set()
+        """Stage 2: buckets whose full gradient is autograd's tensor (Note [gradients taken
+        as they are])."""
         self.buffers = buffers
         self.stage = stage
         self.sync_enabled = True
@@ -198,7 +209,16 @@ class GradReducer:
                 self._set_late(b, torch.zeros_like(buffer.flat_param))
             span = buffer.layout.params[index]
             self._late[b][span.flat.slice].view(span.shape).add_(grad)
+        elif self._can_adopt(b, grad):
+            # Note [gradients taken as they are]
+            buffer.adopt_full_grad(grad)
+            self._adopted.add(b)
+            self._meter.add(tensor_nbytes(grad))
         else:
+            if b in self._adopted:  # a second gradient: into a buffer of ours, not autograd's
+                adopted = buffer.flat_grad
+                self._release_full_grad(b)
+                buffer.allocate_full_grad(self._grad_pool, zeroed=False).copy_(adopted)
             buffer.allocate_full_grad(self._grad_pool, zeroed=not self.starts_cycle)
             view = buffer.grad_views[index]
             if index in self._have[b] or not self.starts_cycle:
@@ -206,6 +226,21 @@ class GradReducer:
             else:
                 view.copy_(grad)
         self._have[b].add(index)
+
+    def _can_adopt(self, b: int, grad: Tensor) -> bool:
+        return (
+            self.starts_cycle
+            and self.comm.active
+            and self.comm.scatter_reads_only
+            and self.buffers[b].can_adopt_grad(grad)
+        )
+
+    def _release_full_grad(self, b: int) -> None:
+        """Stage 2: drop bucket ``b``'s full gradient (back to the pool, or autograd's)."""
+        if b in self._adopted:
+            self._adopted.discard(b)
+            self._meter.remove(tensor_nbytes(self.buffers[b].flat_grad))
+        self.buffers[b].release_full_grad(self._grad_pool)
 
     def _bind_grad(self, b: int, index: int, param: Tensor) -> None:
         """One process: ``param.grad`` becomes its view of the flat gradient buffer, holding
@@ -332,7 +367,7 @@ class GradReducer:
         self._in_flight.popleft()
         self._reduced[b] = True
         if self.stage == 2:
-            self.buffers[b].release_full_grad(self._grad_pool)
+            self._release_full_grad(b)
 
     def agree(self, failed: bool) -> tuple[list[list[int]], list[bool], int]:
         """Collective (one small all-reduce): per buffer, the parameters with a gradient on
@@ -387,9 +422,9 @@ class GradReducer:
         """Wait for the reductions in flight and drop everything staged for this step; the
         next step starts with none (the accumulators are kept within a cycle)."""
         self._wait()
-        for b, buffer in enumerate(self.buffers):
+        for b in range(len(self.buffers)):
             if self.stage == 2 and self._have[b]:
-                buffer.release_full_grad(self._grad_pool)
+                self._release_full_grad(b)
             self._have[b] = set()
             self._reduced[b] = False
             self._set_late(b, None)
@@ -432,9 +467,13 @@ class GradReducer:
     def late_nbytes(self) -> int:
         return sum(tensor_nbytes(t) for t in self._late if t is not None)
 
-    def grad_pool_nbytes(self) -> int:
-        """Bytes of the stage-2 full gradient buffers held now (lent or free)."""
-        return self._grad_pool.nbytes()
+    def full_grad_nbytes(self) -> int:
+        """Stage 2: bytes of the full gradient buffers held now: those of buckets being
+        gathered or reduced (lent by the pool, or autograd's own) and the pool's spare."""
+        lent = [
+            b.flat_grad for b in self.buffers if b.flat_grad is not None and not b.keep_full_grad
+        ]
+        return sum(tensor_nbytes(t) for t in lent) + self._grad_pool.free_nbytes()
 
 
 def _is_view(grad: Tensor | None, view: Tensor) -> bool:

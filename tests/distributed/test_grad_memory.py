@@ -1,6 +1,8 @@
 """Stage 2 across ranks: the bytes held for gradients are the owned shard, plus two buckets
 once backward returned (Note [reductions in flight at stage 2]), counted by memory_report()
-and checked against the tensors actually alive in the process."""
+and checked against the tensors actually alive in the process. Half the layers have no bias,
+so their weights are buckets of their own whose gradients are reduced as autograd made them
+(Note [gradients taken as they are] in ``reducer``)."""
 
 from __future__ import annotations
 
@@ -35,22 +37,33 @@ def train(rank: int, world_size: int) -> dict:
     return {mode: train_in(rank, mode) for mode in ("pairwise", "native")}
 
 
-def train_in(rank: int, mode: str) -> dict:
+def make_model() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH)])
-    opt = ShardedAdam(
+    return nn.Sequential(*[nn.Linear(WIDTH, WIDTH, bias=i % 2 == 0) for i in range(DEPTH)])
+
+
+def inputs_of(rank: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(rank)
+    return [torch.randn(4, WIDTH, generator=gen) for _ in range(STEPS)]
+
+
+def build(model: nn.Module, **sharding) -> ShardedAdam:
+    return ShardedAdam(
         model.parameters(),
         learning_rate=0.01,
-        stage=2,
-        comm=mode,
         bucket_cap_mb=BUCKET_CAP_MB,
         jit_compile=False,
+        **sharding,
     )
-    gen = torch.Generator().manual_seed(rank)
-    inputs = [torch.randn(4, WIDTH, generator=gen) for _ in range(STEPS)]
+
+
+def train_in(rank: int, mode: str) -> dict:
+    model = make_model()
+    opt = build(model, stage=2, comm=mode)
+    inputs = inputs_of(rank)
     shard_nbytes = sum(b.shard.numel * b.flat_param.element_size() for b in opt.buffers)
     bucket_nbytes = sorted(b.flat_param.numel() * b.flat_param.element_size() for b in opt.buffers)
-    rows = []
+    rows, adopted = [], 0
     for step in range(STEPS):
         gc.collect()
         between = opt.memory_report(), live_tensor_nbytes()
@@ -59,19 +72,43 @@ def train_in(rank: int, mode: str) -> dict:
         del loss  # the graph is gone; what backward left is gradients
         gc.collect()
         after_backward = opt.memory_report(), live_tensor_nbytes()
+        adopted = max(adopted, len(opt._reducer._adopted))  # (private: no public view of it)
         assert all(p.grad is None for p in model.parameters())
         opt.step()
         opt.zero_grad()
         rows.append((between, after_backward))
     opt.close()
-    return {"shard": shard_nbytes, "buckets": bucket_nbytes, "rows": rows}
+    params = [p.detach().clone() for p in model.parameters()]
+    return {
+        "shard": shard_nbytes,
+        "buckets": bucket_nbytes,
+        "rows": rows,
+        "adopted": adopted,
+        "params": params,
+    }
+
+
+def one_process(world_size: int) -> list[torch.Tensor]:
+    """The same steps in one process: each step's batch is every rank's, whose mean loss is
+    the mean of the ranks' losses."""
+    model = make_model()
+    opt = build(model)
+    per_rank = [inputs_of(rank) for rank in range(world_size)]
+    for step in range(STEPS):
+        model(torch.cat([inputs[step] for inputs in per_rank])).square().mean().backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_stage_2_holds_the_shard_and_two_buckets(world_size):
+    reference = one_process(world_size)
     for rank, per_mode in enumerate(run_ranks(world_size, train)):
         for mode, got in per_mode.items():
             label = f"W={world_size} {mode} rank {rank}"
+            for value, expected in zip(got["params"], reference):
+                torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=label)
+            assert got["adopted"] > 0, label  # bias-free weights: autograd's tensors reduced
             two_buckets = sum(got["buckets"][-2:])
             assert len(got["buckets"]) >= 6, got["buckets"]  # else the bound says nothing
             model_grads = sum(got["buckets"])
