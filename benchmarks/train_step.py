@@ -137,16 +137,17 @@ def build(impl: str, world_size: int):
 
     model = make_model()
     if impl.startswith("shardadam"):
-        # "shardadam stage N", optionally followed by "comm=MODE" and/or "overlap"
+        # "shardadam stage N", optionally followed by "comm=MODE", "overlap" and/or "eager"
+        # (jit_compile=False: no compiler in the process, whose memory then shows apart)
         stage = 1 if "stage 1" in impl else 2
         comm = impl.split("comm=")[1].split()[0] if "comm=" in impl else "auto"
-        overlap = "overlap" in impl
         opt = ShardedAdam(
             model.parameters(),
             learning_rate=LR,
             stage=stage,
             comm=comm,
-            overlap_param_gather=overlap,
+            overlap_param_gather="overlap" in impl,
+            jit_compile="eager" not in impl,
         )
         return model, opt
     if impl == "FSDP2 + AdamW":
