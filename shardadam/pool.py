@@ -13,8 +13,6 @@ step, so that between steps a rank holds only its shards).
 
 from __future__ import annotations
 
-import mmap
-
 import torch
 from torch import Tensor
 
@@ -52,7 +50,7 @@ class StoragePool:
         key = (numel, dtype, device)
         storage = self._free.pop(key, None)
         if storage is None:
-            storage = _empty(numel, dtype, device)
+            storage = torch.empty(numel, dtype=dtype, device=device)
             self._meter.add(tensor_nbytes(storage))
         self._lent[id(storage)] = storage
         return storage
@@ -81,19 +79,3 @@ class StoragePool:
 
 def tensor_nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-_MAPPED_MIN_NBYTES = 1 << 20
-
-
-def _empty(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised 1-D tensor; on the CPU, a large one in pages of its own.
-
-    glibc serves allocations below its mmap threshold (which grows up to 32 MiB as large
-    blocks are freed) from its heap and keeps them there once freed: buckets lent and given
-    back within every step left 160 MB of freed heap in each rank at W=4 (benchmarks/
-    RESULTS.md). An anonymous mapping goes back to the system when the tensor is freed."""
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if torch.device(device).type != "cpu" or nbytes < _MAPPED_MIN_NBYTES:
-        return torch.empty(numel, dtype=dtype, device=device)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=numel)
