@@ -15,6 +15,8 @@ from typing import Any
 
 from .config import (
     BACKENDS,
+    OptimizerOptions,
+    ShardingOptions,
     check_bool,
     check_clip_exclusive,
     check_group,
@@ -53,21 +55,21 @@ class OptimizerConfig:
     """Clip each gradient tensor to this L2 norm."""
     clipvalue: float | None = None
     """Clip each gradient element to [-clipvalue, clipvalue]."""
-    global_clipnorm: float | None = None
+    global_clipnorm: float | None = OptimizerOptions.global_clipnorm
     """Clip all gradients together to this joint L2 norm."""
-    use_ema: bool = False
+    use_ema: bool = OptimizerOptions.use_ema
     """Keep an exponential moving average of the weights (evaluated beside the weights)."""
-    ema_momentum: float = 0.99
+    ema_momentum: float = OptimizerOptions.ema_momentum
     """Weight of the old average in each EMA update."""
-    ema_overwrite_frequency: int | None = None
+    ema_overwrite_frequency: int | None = OptimizerOptions.ema_overwrite_frequency
     """Write the averages into the weights every this many steps."""
-    loss_scale_factor: float | None = None
+    loss_scale_factor: float | None = OptimizerOptions.loss_scale_factor
     """The loss is multiplied by this before backward; gradients are divided by it."""
-    gradient_accumulation_steps: int | None = None
+    gradient_accumulation_steps: int | None = OptimizerOptions.gradient_accumulation_steps
     """Apply the mean gradient of this many micro-batches (trainer steps) at once."""
-    jit_compile: bool = True
+    jit_compile: bool = OptimizerOptions.jit_compile
     """Compile the per-shard update with torch.compile."""
-    name: str = "Adam"
+    name: str = OptimizerOptions.name
     """Prefix of the optimizer's state names."""
 
     def __post_init__(self) -> None:
@@ -180,13 +182,13 @@ class DistributedConfig:
     """Expected number of ranks: a launch with another number fails at start (null: any)."""
     timeout_s: float = 600.0
     """How long a collective may wait for the other ranks."""
-    stage: int = 2
+    stage: int = ShardingOptions.stage
     """ZeRO stage: 1 shards optimizer state; 2 also shards reduced gradients."""
-    bucket_cap_mb: float = 25.0
+    bucket_cap_mb: float = ShardingOptions.bucket_cap_mb
     """Size of the gradient buckets reduced while backward runs, in MiB."""
-    comm: str = "auto"
+    comm: str = ShardingOptions.comm
     """Collectives: auto, native, ring, pairwise or all_reduce (see the README)."""
-    overlap_param_gather: bool = False
+    overlap_param_gather: bool = ShardingOptions.overlap_param_gather
     """Let the next forward overlap the parameter all-gather."""
     broadcast_buffers: bool = False
     """Also broadcast rank 0's buffers before every training forward, as DDP does (they are
