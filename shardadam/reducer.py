@@ -42,18 +42,6 @@ Note [late gradients]
     arrive more than once before ``step()`` so add up, as in ``p.grad``, with the numbers of
     one process.
 
-Note [gradients in one process]
-    With no process group there is nothing to reduce, and a copy of every ``p.grad`` into the
-    flat buffer at ``step()`` cost a second copy of the gradients (+1x their bytes) and a
-    third of the step's time. So the same hooks move each gradient into its place in the flat
-    buffer as backward produces it and make ``p.grad`` that view (DDP's
-    ``gradient_as_bucket_view``): autograd's own tensor is freed at once, a second backward
-    adds into the view in place, and ``p.grad`` stays readable and writable until ``step()``
-    (clipping by hand works). ``p.grad`` is the truth at ``step()``: one assigned by hand is
-    copied in, one set to None counts as no gradient. The update uses the flat gradient as
-    scratch, so ``step()`` takes the gradients: afterwards ``p.grad`` is None, as it is
-    across ranks. Micro-steps of gradient accumulation keep ``p.grad`` as torch leaves it.
-
 Note [accumulation without communication]
     With gradient_accumulation_steps, the flat gradient buffer is the accumulator: micro-steps
     add this rank's gradients (from ``p.grad``) to it with no communication, and the boundary
@@ -72,6 +60,7 @@ from torch import Tensor
 
 from . import comm
 from .buffers import FlatBuffer
+from .grad_views import GradViews, refuse_sparse_grad
 from .pool import ByteMeter, StoragePool, tensor_nbytes
 
 _REDUCTIONS_IN_FLIGHT = 2  # stage 2: Note [reductions in flight at stage 2]
@@ -111,6 +100,7 @@ class GradReducer:
         """The flat gradient buffers hold nothing of earlier micro-steps."""
         self._have: list[set[int]] = []
         """Per buffer, the parameters whose gradient is staged (or late) for this step."""
+        self._views = GradViews(buffers, self._have)  # one process
         self._waiting: list[set[int]] = []
         self._reductions: list[comm.Pending | None] = []
         self._in_flight: collections.deque[int] = collections.deque()  # buckets, oldest first
@@ -159,7 +149,7 @@ class GradReducer:
             return  # accumulate: gradients stay in p.grad until step()
         if not self.comm.active:
             if self.starts_cycle:
-                self._bind_grad(b, index, param)
+                self._views.bind(b, index, param)
             return
         if not self._in_backward:
             self._begin_backward()
@@ -193,16 +183,9 @@ class GradReducer:
     def _started(self, b: int) -> bool:
         return self._reductions[b] is not None or self._reduced[b]
 
-    def _refuse_sparse(self, b: int, index: int, grad: Tensor) -> None:
-        if grad.is_sparse:
-            raise ValueError(
-                "ShardedAdam does not support sparse gradients; got one for parameter "
-                f"'{self.buffers[b].layout.params[index].name}'"
-            )
-
     def _stage(self, b: int, index: int, grad: Tensor) -> None:
-        self._refuse_sparse(b, index, grad)
         buffer = self.buffers[b]
+        refuse_sparse_grad(buffer, index, grad)
         if self._started(b):
             # Note [late gradients]
             if self._late[b] is None:
@@ -242,23 +225,6 @@ class GradReducer:
             self._meter.remove(tensor_nbytes(self.buffers[b].flat_grad))
         self.buffers[b].release_full_grad(self._grad_pool)
 
-    def _bind_grad(self, b: int, index: int, param: Tensor) -> None:
-        """One process: ``param.grad`` becomes its view of the flat gradient buffer, holding
-        the gradient (Note [gradients in one process])."""
-        view = self.buffers[b].grad_views[index]
-        if not _is_view(param.grad, view):
-            self._stage_in_place(b, index, param.grad, view)
-            param.grad = view
-        self._have[b].add(index)
-
-    def _stage_in_place(self, b: int, index: int, grad: Tensor, view: Tensor) -> None:
-        """One process: ``grad`` is all of this step's gradient of parameter ``index``."""
-        self._refuse_sparse(b, index, grad)
-        if self.starts_cycle:
-            view.copy_(grad)
-        else:  # the boundary micro-step of an accumulation cycle
-            view.add_(grad)
-
     def _start(self, b: int) -> None:
         buffer = self.buffers[b]
         buffer.allocate_full_grad(self._grad_pool, zeroed=not self.starts_cycle)
@@ -289,9 +255,9 @@ class GradReducer:
         """At an update step: stage the gradients still in ``p.grad`` (those without a hook,
         assigned by hand, or accumulated under ``no_sync()``); across ranks ``p.grad`` is then
         released, as the hooks do. In one process ``p.grad`` is the truth (Note [gradients in
-        one process])."""
+        one process] in ``grad_views``)."""
         if not self.comm.active:
-            self._collect_one_process()
+            self._views.collect(self.starts_cycle)
             return
         for b, buffer in enumerate(self.buffers):
             for index, p in enumerate(buffer.params):
@@ -299,24 +265,10 @@ class GradReducer:
                     self._stage(b, index, p.grad)
                     p.grad = None
 
-    def _collect_one_process(self) -> None:
-        for b, buffer in enumerate(self.buffers):
-            for index, p in enumerate(buffer.params):
-                if p.grad is None:
-                    self._have[b].discard(index)
-                elif not _is_view(p.grad, buffer.grad_views[index]):
-                    self._stage_in_place(b, index, p.grad, buffer.grad_views[index])
-                    self._have[b].add(index)
-
     def release_bound_grads(self) -> None:
-        """One process, after an update: drop the ``p.grad`` views of the flat gradient
-        buffer, which the update used as scratch (Note [gradients in one process])."""
-        if self.comm.active:
-            return
-        for buffer in self.buffers:
-            for p, view in zip(buffer.params, buffer.grad_views):
-                if _is_view(p.grad, view):
-                    p.grad = None
+        """One process, after an update: drop the ``p.grad`` views of the flat buffers."""
+        if not self.comm.active:
+            self._views.release()
 
     def accumulate(self) -> None:
         """At a micro-step that does not update: add ``p.grad`` to the accumulators, with no
@@ -474,11 +426,6 @@ class GradReducer:
             b.flat_grad for b in self.buffers if b.flat_grad is not None and not b.keep_full_grad
         ]
         return sum(tensor_nbytes(t) for t in lent) + self._grad_pool.free_nbytes()
-
-
-def _is_view(grad: Tensor | None, view: Tensor) -> bool:
-    """Whether ``grad`` is ``view`` (the same elements of the flat gradient buffer)."""
-    return grad is not None and grad.data_ptr() == view.data_ptr() and grad.shape == view.shape
 
 
 def _grad_ready_hook(reducer_ref: weakref.ref, b: int, index: int, param: Tensor) -> None:
