@@ -2,7 +2,8 @@
 once backward returned (Note [reductions in flight at stage 2]), counted by memory_report()
 and checked against the tensors actually alive in the process. Half the layers have no bias,
 so their weights are buckets of their own whose gradients are reduced as autograd made them
-(Note [gradients taken as they are] in ``reducer``)."""
+(Note [gradients taken as they are] in ``reducer``). A layer unused on one rank, with a
+collective of the user's between backward() and step(), gives the averaged gradients' update."""
 
 from __future__ import annotations
 
@@ -34,7 +35,55 @@ def grad_nbytes(report: dict) -> int:
 
 
 def train(rank: int, world_size: int) -> dict:
-    return {mode: train_in(rank, mode) for mode in ("pairwise", "native")}
+    results = {mode: train_in(rank, mode) for mode in ("pairwise", "native")}
+    return {"modes": results, "unused": train_with_unused_layer(rank)}
+
+
+UNUSED = 3  # a bias-free layer (a bucket of its own) that rank 1 skips
+
+
+def forward(model: nn.Module, x: torch.Tensor, rank: int) -> torch.Tensor:
+    for i, layer in enumerate(model):
+        if not (rank == 1 and i == UNUSED):
+            x = layer(x)
+    return x.square().mean()
+
+
+def train_with_unused_layer(rank: int) -> list[torch.Tensor]:
+    """Rank 1 never uses one layer, and every rank issues a collective of its own between
+    backward() and step() (a logging all_reduce)."""
+    model = make_model()
+    opt = build(model, stage=2)
+    for x in inputs_of(rank):
+        forward(model, x, rank).backward()
+        logged = torch.ones(1)
+        torch.distributed.all_reduce(logged)
+        assert logged.item() == torch.distributed.get_world_size()
+        opt.step()
+        opt.zero_grad()
+    opt.close()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def averaged_by_hand(world_size: int) -> list[torch.Tensor]:
+    """One process fed each step with the mean over ranks of each rank's gradients (zeros
+    where a rank did not use a parameter, as DDP averages)."""
+    model = make_model()
+    opt = build(model)
+    params = list(model.parameters())
+    per_rank = [inputs_of(rank) for rank in range(world_size)]
+    for step in range(STEPS):
+        total = [torch.zeros_like(p) for p in params]
+        for rank in range(world_size):
+            loss = forward(model, per_rank[rank][step], rank)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for t, g in zip(total, grads):
+                if g is not None:
+                    t.add_(g)
+        for p, t in zip(params, total):
+            p.grad = t / world_size
+        opt.step()
+    return [p.detach() for p in params]
 
 
 def make_model() -> nn.Module:
@@ -103,8 +152,11 @@ def one_process(world_size: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_stage_2_holds_the_shard_and_two_buckets(world_size):
     reference = one_process(world_size)
-    for rank, per_mode in enumerate(run_ranks(world_size, train)):
-        for mode, got in per_mode.items():
+    by_hand = averaged_by_hand(world_size)
+    for rank, results in enumerate(run_ranks(world_size, train)):
+        for value, expected in zip(results["unused"], by_hand):
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=f"rank {rank}")
+        for mode, got in results["modes"].items():
             label = f"W={world_size} {mode} rank {rank}"
             for value, expected in zip(got["params"], reference):
                 torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=label)

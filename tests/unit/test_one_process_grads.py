@@ -129,3 +129,32 @@ def test_accumulation_micro_steps_keep_p_grad_as_torch_leaves_it():
     assert not grad_storages(model) & flat_grad_storages(opt)
     opt.step()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_compiled_bf16_model_fine_tuned_from_loaded_weights():
+    """torch.compile'd (AOTAutograd's backward), bf16 with fp32 masters, weights loaded after
+    the optimizer was built: the updates of gradients assigned by hand to an eager copy."""
+    torch.manual_seed(1)
+    pretrained = {k: v.to(torch.bfloat16) for k, v in build()[0].state_dict().items()}
+
+    def fine_tuned(compiled: bool) -> list[torch.Tensor]:
+        model = build()[0].to(torch.bfloat16)
+        opt = ShardedAdam(model.parameters(), learning_rate=0.01, jit_compile=False)
+        model.load_state_dict(pretrained)  # after the optimizer: its masters re-take them
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            x = torch.randn(8, 64, generator=gen).to(torch.bfloat16)
+            loss = run(x).float().square().mean()
+            if compiled:
+                loss.backward()
+                assert grad_storages(model) <= flat_grad_storages(opt)
+            else:  # by hand: the path that copies p.grad at step()
+                grads = torch.autograd.grad(loss, list(model.parameters()))
+                for p, g in zip(model.parameters(), grads):
+                    p.grad = g.clone()
+            opt.step()
+        return [p.detach().float() for p in model.parameters()]
+
+    for a, b in zip(fine_tuned(True), fine_tuned(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
