@@ -27,7 +27,6 @@ import sys
 import time
 
 import torch
-
 import train_step
 
 MB = 2**20
