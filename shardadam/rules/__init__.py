@@ -1,0 +1,48 @@
+"""Update rules: the per-shard math of each optimizer of the family, one small module each.
+
+A rule is declarative and pure. It knows nothing of ranks, buffers, param groups or the base
+optimizer's features: the engine unscales and accumulates the gradients, clips them (clipnorm,
+clipvalue, global_clipnorm), applies Keras's weight decay (``w -= w * weight_decay * lr``, before
+the update, so a rule receives the decayed weights), skips elements without a gradient, keeps
+the EMA and the fp32 master copies, and shards everything. Every tensor a rule sees is one flat
+1-D shard in the compute dtype (float32, or float64 for float64 parameters).
+
+A rule module defines:
+
+``NAME``
+    Keras 3's class name (``"SGD"``); also the optimizer's default ``name``.
+``LEARNING_RATE``
+    Keras 3's default ``learning_rate`` for it.
+``HYPERPARAMETERS``
+    Its own Keras 3 arguments (not the base optimizer's) with Keras 3's defaults, in Keras's
+    order: ``{"momentum": 0.0, "nesterov": False}``.
+``check(hp, where="")``
+    Validate a dict holding every key of ``HYPERPARAMETERS``: raise ``ValueError`` (a bad
+    value) or ``TypeError`` (a bad type) naming the argument with Keras's name, followed by
+    ``where`` (e.g. ``" (param group 1)"``), the value given, and the allowed values. Refuse
+    what Keras refuses, and what would give NaNs or silently wrong steps.
+``slots(hp)``
+    The per-element state Keras creates for these hyperparameters: ``{Keras variable name:
+    initial value}`` in Keras's creation order (``{"momentum": 0.0}``; Adagrad's
+    ``{"accumulator": initial_accumulator_value}``); ``{}`` when there is none.
+``static(hp)``
+    A hashable tuple of whatever changes the structure of the update (``(nesterov,)``); the
+    engine compiles one kernel per distinct value. Values that only change numbers are scalars.
+``scalars(hp, learning_rate, step, dtype)``
+    This step's scalars, packed in a 1-D tensor of ``dtype``, formed with torch ops in that
+    dtype exactly as Keras 3 forms them (Note [Keras scalars] in ``functional``):
+    ``learning_rate`` is a 0-d tensor of ``dtype``, ``step`` the 1-based count of applied
+    updates (Keras's ``iterations + 1``). A NamedTuple gives the fields their names.
+``update(weights, grad, slots, scalars, static)``
+    Pure and out of place: ``(new_weights, new_slots)``, ``new_slots`` a tuple in the order of
+    ``slots(hp)``. No reads of tensor values on the host and no branches on them, so that
+    ``torch.compile(fullgraph=True, dynamic=True)`` fuses the engine's whole step into one pass.
+``update_(weights, grad, slots, host_scalars, static)``
+    The same math in place, for eager mode (``jit_compile=False``): ``host_scalars`` are the
+    packed scalars as Python floats; in-place ops only, ``grad`` may be used as scratch.
+
+A rule with optimizer-wide state (Nadam's ``u_product``) also defines ``CARRY = {name: initial
+float}``; its ``scalars`` then takes a fifth argument, ``carry`` (``{name: 0-d tensor of
+dtype}``), and returns ``(packed, new_carry)``. The engine keeps, checkpoints and advances the
+carry once per applied update, never on a skipped one.
+"""
