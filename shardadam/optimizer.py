@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import comm
 from .buffers import FlatBuffer
+from .clipping import GradClipper
 from .config import (
     LR_SCHEDULE_KEY,
     OptimizerOptions,
@@ -30,12 +31,8 @@ from .functional import (
     UpdateScalars,
     adam_shard_step_,
     adam_shard_step_inplace_,
-    clip_by_norm_,
     ema_shard_step_,
-    global_clip_scale,
-    piece_squared_norms,
     refresh_master_,
-    squared_norm,
     update_scalars,
 )
 from .gather import ParamGather
@@ -199,7 +196,7 @@ class ShardedAdam(torch.optim.Optimizer):
         self._decay_masks: list[Tensor | None] = []
         self._scheduled_lr: dict[int, float] = {}
         self._runner = UpdateRunner(jit_compile, announce=self.comm.rank == 0)
-        self.last_grad_norm: Tensor | None = None
+        self._clipper = GradClipper(self.comm, self.buffers, self.options.global_clipnorm)
         self._warned_missing: set[frozenset[str]] = set()
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(_pack_shardadam_state)
@@ -419,6 +416,12 @@ class ShardedAdam(torch.optim.Optimizer):
         return self._micro_steps // steps if steps else self._micro_steps
 
     @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The global L2 norm of the gradients the last update used, before clipping (None
+        before the first update)."""
+        return self._clipper.last_grad_norm
+
+    @property
     def learning_rate(self) -> float | Tensor:
         """The learning rate the next step uses (of the first param group)."""
         return self._group_learning_rate(0, record=False)
@@ -585,11 +588,11 @@ class ShardedAdam(torch.optim.Optimizer):
         self._reducer.reduce_late(late)
         self._refresh_masters()
         grad_masks = self._prepare_shard_grads(present, self.options.gradient_accumulation_steps)
-        grad_scale, local_sq = self._clip_grads()
+        grad_scale, local_sq = self._clipper.clip_(self._buffer_clipnorms())
         kernel_sq = self._update_shards(scalars, grad_masks, grad_scale)
         self._reducer.release_bound_grads()
         if grad_scale is None:
-            self._record_grad_norm(
+            self._clipper.record_grad_norm(
                 [k if known is None else known for known, k in zip(local_sq, kernel_sq)]
             )
         self._reducer.reset()
@@ -729,56 +732,8 @@ class ShardedAdam(torch.optim.Optimizer):
             masks.append(mask)
         return masks
 
-    def _clip_grads(self) -> tuple[Tensor | None, list[Tensor | None]]:
-        """Clip in place (per tensor) and return the global-clip factor.
-
-        Also returns, per buffer, the local pre-clip squared norm where clipping had to compute
-        it anyway (None elsewhere: the update kernel reduces it in its own pass).
-        """
-        if self.options.global_clipnorm is not None:
-            local_sq = [squared_norm(b.shard_grad) for b in self.buffers]
-            self._record_grad_norm(local_sq)
-            return global_clip_scale(self.last_grad_norm, self.options.global_clipnorm), local_sq
-        return None, self._clip_by_norm_per_tensor()
-
-    def _clip_by_norm_per_tensor(self) -> list[Tensor | None]:
-        """Keras's clipnorm; per buffer, the local squared norm before clipping (or None)."""
-        local_sq: list[Tensor | None] = [None] * len(self.buffers)
-        clipped = [
-            b
-            for b in range(len(self.buffers))
-            if self.param_groups[self._buffer_groups[b]]["clipnorm"] is not None
-        ]
-        if not clipped:
-            return local_sq
-        # One all-reduce of every clipped buffer's per-parameter partial sums of squares (a
-        # tensor cut by a shard boundary has a partial sum on each of its ranks).
-        partials = []
-        for b in clipped:
-            buffer = self.buffers[b]
-            per_param = torch.zeros(len(buffer.params), dtype=torch.float32, device=buffer.device)
-            if buffer.pieces:
-                piece_sq = piece_squared_norms(buffer.shard_grad_pieces).to(buffer.device)
-                per_param.index_add_(0, buffer.piece_param_index, piece_sq)
-            local_sq[b] = per_param.sum()
-            partials.append(per_param)
-        summed = torch.cat(partials)
-        self.comm.all_reduce_sum_(summed)
-        offset = 0
-        for b in clipped:
-            buffer = self.buffers[b]
-            per_param = summed[offset : offset + len(buffer.params)]
-            offset += len(buffer.params)
-            clipnorm = self.param_groups[self._buffer_groups[b]]["clipnorm"]
-            piece_sq = [per_param[p.param_index] for p in buffer.pieces]
-            clip_by_norm_(buffer.shard_grad_pieces, piece_sq, clipnorm)
-        return local_sq
-
-    def _record_grad_norm(self, local_sq: list[Tensor]) -> None:
-        """Collective when sharded: last_grad_norm from each buffer's local squared norm."""
-        total_sq = torch.stack([s.to(torch.float64) for s in local_sq]).sum()
-        self.comm.all_reduce_sum_(total_sq)
-        self.last_grad_norm = total_sq.sqrt().to(torch.float32)
+    def _buffer_clipnorms(self) -> list[float | None]:
+        return [self.param_groups[g]["clipnorm"] for g in self._buffer_groups]
 
     def _group_learning_rate(self, index: int, record: bool) -> float | Tensor:
         group = self.param_groups[index]
