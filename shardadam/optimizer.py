@@ -27,11 +27,11 @@ from .config import (
     check_learning_rate,
     group_from_keras_names,
 )
+from .ema import ShardedEMA
 from .functional import (
     UpdateScalars,
     adam_shard_step_,
     adam_shard_step_inplace_,
-    ema_shard_step_,
     refresh_master_,
     update_scalars,
 )
@@ -40,39 +40,20 @@ from .kernels import UpdateRunner
 from .layout import Range, build_layout
 from .pool import ByteMeter
 from .reducer import GradReducer
+from .state import (
+    ACCUMULATOR,
+    AVERAGE,
+    MASTER,
+    MOMENTUM,
+    OWNED_RANGE,
+    VELOCITY,
+    VELOCITY_HAT,
+    ShardState,
+)
 
 _GRAD_SCALE = UpdateScalars._fields.index("grad_scale")
-
-# Names of the per-parameter state entries (after the "<name>/" prefix), as Keras names them.
-MOMENTUM, VELOCITY, VELOCITY_HAT = "momentum", "velocity", "velocity_hat"
-AVERAGE, MASTER, ACCUMULATOR = "average", "master", "gradient_accumulator"
-OWNED_RANGE = "owned_range"
-SHARDED_KINDS = (MOMENTUM, VELOCITY, VELOCITY_HAT, AVERAGE, MASTER)
-"""The state kept for the owned shard only; the accumulator holds this rank's whole sums."""
 NO_GRADIENTS = "No gradients provided for any variable."
 """Keras's words for a step without any gradient (Keras raises; torch's optimizers do nothing)."""
-
-
-@dataclasses.dataclass
-class ShardState:
-    """The optimizer state of one buffer's owned shard, in the compute dtype."""
-
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    exp_avg_sq_max: Tensor | None = None
-    ema: Tensor | None = None
-    master: Tensor | None = None
-    """fp32 copy of a low-precision shard; the update runs on it."""
-
-    def entries(self) -> dict[str, Tensor]:
-        named = {
-            MOMENTUM: self.exp_avg,
-            VELOCITY: self.exp_avg_sq,
-            VELOCITY_HAT: self.exp_avg_sq_max,
-            AVERAGE: self.ema,
-            MASTER: self.master,
-        }
-        return {k: v for k, v in named.items() if v is not None}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -195,6 +176,9 @@ class ShardedAdam(torch.optim.Optimizer):
         self._weight_decay_patterns: list[str] = []
         self._decay_masks: list[Tensor | None] = []
         self._scheduled_lr: dict[int, float] = {}
+        self._ema = ShardedEMA(
+            self.comm, self.buffers, self.shard_states, self._param_gather, self.options
+        )
         self._runner = UpdateRunner(jit_compile, announce=self.comm.rank == 0)
         self._clipper = GradClipper(self.comm, self.buffers, self.options.global_clipnorm)
         self._warned_missing: set[frozenset[str]] = set()
@@ -611,7 +595,7 @@ class ShardedAdam(torch.optim.Optimizer):
             warnings.warn(NO_GRADIENTS, stacklevel=3)
         self._refresh_masters()
         self._reducer.accumulate()
-        if self._update_ema_only():
+        if self._ema.advance_only(self.iterations):
             self._gather_params()
         self._micro_steps += 1
         return loss
@@ -770,19 +754,11 @@ class ShardedAdam(torch.optim.Optimizer):
             betas.append(value)
         return betas[0], betas[1]
 
-    def _ema_scalars(self) -> tuple[float, bool]:
-        """EMA momentum (0 at the first update, as Keras 3) and whether to overwrite now."""
-        if not self.options.use_ema:
-            return 0.0, False
-        momentum = self.options.ema_momentum if self.iterations != 0 else 0.0
-        frequency = self.options.ema_overwrite_frequency
-        return momentum, bool(frequency) and (self.iterations + 1) % frequency == 0
-
     def _update_scalars(self) -> list[tuple[Tensor, Tensor]]:
         """Per buffer, the packed UpdateScalars of this step: in host memory (the eager
         kernel's floats) and on the buffer's device (Note [no host sync in the step] in
         ``functional``)."""
-        ema_momentum, ema_overwrite = self._ema_scalars()
+        ema_momentum, ema_overwrite = self._ema.scalars(self.iterations)
         per_group = []
         for index, group in enumerate(self.param_groups):
             check_group(group, f" (param group {index})")
@@ -857,17 +833,6 @@ class ShardedAdam(torch.optim.Optimizer):
             )
         return grad_sq
 
-    def _update_ema_only(self) -> bool:
-        """Advance the EMA on a step that only accumulates; True if it overwrote parameters."""
-        if not self.options.use_ema:
-            return False
-        ema_momentum, ema_overwrite = self._ema_scalars()
-        for buffer, state in zip(self.buffers, self.shard_states):
-            ema_shard_step_(
-                buffer.shard_param, state.ema, state.master, ema_momentum, ema_overwrite
-            )
-        return ema_overwrite
-
     def _gather_params(self, overlap: bool = False) -> None:
         """Collective: every rank's updated shards reach every rank (see ``gather``)."""
         self._param_gather.gather(overlap)
@@ -932,78 +897,26 @@ class ShardedAdam(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the EMA
 
-    def _require_ema(self, what: str) -> None:
-        if not self.options.use_ema:
-            raise RuntimeError(f"{what} needs use_ema=True; this optimizer keeps no EMA")
-
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict (see the class docstring), after any gather in flight."""
         self.wait_for_params()
         self._refresh_masters()
         return super().state_dict()
 
-    def _full_ema(self, buffer_index: int) -> Tensor:
-        """Collective when sharded: the EMA of a whole buffer, flat and padded."""
-        buffer = self.buffers[buffer_index]
-        ema = self.shard_states[buffer_index].ema
-        if not self.comm.active:
-            return ema
-        full = torch.zeros(buffer.layout.padded_numel, dtype=ema.dtype, device=ema.device)
-        full[buffer.shard.slice] = ema
-        self.comm.all_gather_(full)
-        return full
-
     def moving_average(self, param: Tensor) -> Tensor:
         """Collective when sharded: the EMA of ``param`` as a new full tensor (compute dtype)."""
-        self._require_ema("moving_average()")
-        self.wait_for_params()
-        for b, buffer in enumerate(self.buffers):
-            for span, p in zip(buffer.layout.params, buffer.params):
-                if p is param:
-                    return self._full_ema(b)[span.flat.slice].view(span.shape).clone()
-        raise ValueError(
-            f"moving_average(): the tensor of shape {tuple(param.shape)} is not optimized here"
-        )
+        return self._ema.moving_average(param)
 
     def finalize_variable_values(self, var_list: Iterable[Tensor] | None = None) -> None:
         """Collective when sharded: write the EMA into the parameters (all, or ``var_list``).
 
         Does nothing without ``use_ema``, as in Keras.
         """
-        if not self.options.use_ema:
-            return
-        self.wait_for_params()
-        wanted = None if var_list is None else {id(p) for p in var_list}
-        for buffer, state in zip(self.buffers, self.shard_states):
-            chosen = [
-                span.index
-                for span, p in zip(buffer.layout.params, buffer.params)
-                if wanted is None or id(p) in wanted
-            ]
-            mask = buffer.shard_mask(chosen)
-            weights = state.master if state.master is not None else buffer.shard_param
-            weights.copy_(torch.where(mask, state.ema.to(weights.dtype), weights))
-            if state.master is not None:
-                buffer.shard_param.copy_(state.master)
-        self._gather_params()
+        self._ema.finalize(var_list)
 
-    @contextlib.contextmanager
-    def swap_moving_averages(self) -> Iterator[None]:
+    def swap_moving_averages(self) -> contextlib.AbstractContextManager[None]:
         """Collective when sharded: parameters hold their EMA inside the block, then return."""
-        self._require_ema("swap_moving_averages()")
-        self.wait_for_params()
-        saved = [
-            (b.flat_param.clone(), None if s.master is None else s.master.clone())
-            for b, s in zip(self.buffers, self.shard_states)
-        ]
-        self.finalize_variable_values()
-        try:
-            yield
-        finally:
-            for buffer, state, (flat, master) in zip(self.buffers, self.shard_states, saved):
-                buffer.flat_param.copy_(flat)
-                if master is not None:
-                    state.master.copy_(master)
+        return self._ema.swapped()
 
     # ------------------------------------------------------------------ state dict
 

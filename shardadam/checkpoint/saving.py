@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import comm
-from ..optimizer import ACCUMULATOR, OWNED_RANGE, SHARDED_KINDS, ShardedAdam
+from ..optimizer import ShardedAdam
+from ..state import ACCUMULATOR, OWNED_RANGE, SHARDED_KINDS
 from . import fs
 from .collective import communicator, everywhere
 from .directory import publish, start_partial
