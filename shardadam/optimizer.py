@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -27,6 +26,7 @@ from .config import (
     check_learning_rate,
     group_from_keras_names,
 )
+from .decay import DecayExclusions
 from .ema import ShardedEMA
 from .functional import (
     UpdateScalars,
@@ -172,9 +172,7 @@ class ShardedAdam(torch.optim.Optimizer):
         """id(parameter) -> (its buffer, its index in the buffer)."""
         self._param_gather = ParamGather(self.comm, self.buffers, self._position_of)
         self._has_names = False
-        self._weight_decay_excluded: set[int] = set()
-        self._weight_decay_patterns: list[str] = []
-        self._decay_masks: list[Tensor | None] = []
+        self._decay = DecayExclusions(self.buffers)
         self._scheduled_lr: dict[int, float] = {}
         self._ema = ShardedEMA(
             self.comm, self.buffers, self.shard_states, self._param_gather, self.options
@@ -220,7 +218,7 @@ class ShardedAdam(torch.optim.Optimizer):
         )
         self._has_names = all("param_names" in g for g in self.param_groups)
         self._build_buffers(len(self.param_groups) - 1)
-        if self._weight_decay_excluded or self._weight_decay_patterns:
+        if self._decay.any:
             self._rebuild_decay_masks()  # the patterns apply to the new parameters too
 
     def _check_params(self, params: list[Any], where: str) -> None:
@@ -280,7 +278,6 @@ class ShardedAdam(torch.optim.Optimizer):
             self.buffers.append(buffer)
             self._buffer_groups.append(group_index)
             self.shard_states.append(self._new_shard_state(buffer, group))
-            self._decay_masks.append(None)
             self._bind_param_state(len(self.buffers) - 1)
             b = len(self.buffers) - 1
             self._position_of.update((id(p), (b, i)) for i, p in enumerate(buffer.params))
@@ -451,40 +448,15 @@ class ShardedAdam(torch.optim.Optimizer):
 
         Replaces earlier exclusions, as in Keras.
         """
-        index_of = self._param_indices()
-        excluded = set()
-        for p in var_list or []:
-            if id(p) not in index_of:
-                raise ValueError(
-                    "Invalid var_list: it holds a tensor of shape "
-                    f"{tuple(p.shape)} that this optimizer does not optimize"
-                )
-            excluded.add(index_of[id(p)])
-        patterns = list(var_names or [])
-        if patterns:
-            if isinstance(var_names, str):
-                raise TypeError(f"Invalid var_names: {var_names!r} (expected a list of strings)")
-            if not self._has_names:
-                raise ValueError(
-                    "exclude_from_weight_decay(var_names=...) needs parameter names: create "
-                    "the optimizer from model.named_parameters()"
-                )
-            try:
-                re.compile("|".join(patterns))  # matched later, against every parameter
-            except re.error as error:
-                raise ValueError(f"Invalid var_names: {patterns} ({error})") from error
-        self._weight_decay_excluded = excluded
-        self._weight_decay_patterns = patterns
+        self._decay.replace(var_list, var_names, self._param_indices(), self._has_names)
         self._rebuild_decay_masks()
 
     def _excluded_from_weight_decay(self) -> set[int]:
         """Indices (in optimizer order) of the parameters weight decay skips."""
-        excluded = set(self._weight_decay_excluded)
-        if self._weight_decay_patterns:
-            pattern = re.compile("|".join(self._weight_decay_patterns))
-            names = [n for g in self.param_groups for n in g["param_names"]]
-            excluded.update(i for i, n in enumerate(names) if pattern.search(n))
-        return excluded
+        return self._decay.excluded(self._names_in_order())
+
+    def _names_in_order(self) -> list[str]:
+        return [n for g in self.param_groups for n in g.get("param_names", ())]
 
     def _param_indices(self) -> dict[int, int]:
         """id(parameter) -> its index in optimizer order (over all groups), as in state_dict."""
@@ -496,16 +468,7 @@ class ShardedAdam(torch.optim.Optimizer):
         return [index_of[id(p)] for p in self.buffers[buffer_index].params]
 
     def _rebuild_decay_masks(self) -> None:
-        excluded = self._excluded_from_weight_decay()
-        for b, buffer in enumerate(self.buffers):
-            global_indices = self._global_param_indices(b)
-            decayed = [
-                span.index
-                for span, gi in zip(buffer.layout.params, global_indices)
-                if gi not in excluded
-            ]
-            all_decayed = len(decayed) == len(buffer.params)
-            self._decay_masks[b] = None if all_decayed else buffer.shard_mask(decayed)
+        self._decay.rebuild_masks(self._param_indices(), self._names_in_order())
 
     # ------------------------------------------------------------------ the step
 
@@ -814,7 +777,7 @@ class ShardedAdam(torch.optim.Optimizer):
             if group["amsgrad"] and state.exp_avg_sq_max is None:
                 state.exp_avg_sq_max = torch.zeros_like(state.exp_avg_sq)
                 self._bind_param_state(b)
-            decay_mask = self._decay_masks[b] if group["weight_decay"] != 0 else None
+            decay_mask = self._decay.mask(b) if group["weight_decay"] != 0 else None
             grad_sq.append(
                 self._runner(
                     adam_shard_step_,
@@ -1050,8 +1013,8 @@ class ShardedAdam(torch.optim.Optimizer):
         self._reducer.end_cycle()
         self._scheduled_lr = {}
         self._restore_shard_state(state_dict["state"], extra["name"])
-        self._weight_decay_excluded = set(extra["weight_decay_excluded"])
-        self._weight_decay_patterns = list(extra["weight_decay_patterns"])
+        self._decay.excluded_indices = set(extra["weight_decay_excluded"])
+        self._decay.patterns = list(extra["weight_decay_patterns"])
         self._has_names = all("param_names" in g for g in self.param_groups)
         self._rebuild_decay_masks()
         self._gather_params()
@@ -1233,7 +1196,7 @@ def _pack_shardadam_state(optimizer: ShardedAdam, state_dict: dict[str, Any]) ->
         "iterations": optimizer.iterations,
         "world_size": optimizer.world_size,
         "options": dataclasses.asdict(optimizer.options),
-        "weight_decay_excluded": sorted(optimizer._weight_decay_excluded),
-        "weight_decay_patterns": list(optimizer._weight_decay_patterns),
+        "weight_decay_excluded": sorted(optimizer._decay.excluded_indices),
+        "weight_decay_patterns": list(optimizer._decay.patterns),
     }
     return state_dict
