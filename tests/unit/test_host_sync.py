@@ -20,6 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from shardadam import ShardedAdam, schedules
+from shardadam.clipping import GradClipper
 
 READ_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 SYNC_METHODS = ("cpu", "numpy", "nonzero")
@@ -152,13 +153,13 @@ def test_the_eager_step_without_reads_gives_the_compiled_numbers(config_name):
 
 
 def test_the_check_catches_a_read_added_to_the_step(monkeypatch):
-    record = ShardedAdam._record_grad_norm
+    record = GradClipper.record_grad_norm
 
     def record_and_read(self, local_sq):
         record(self, local_sq)
         self.last_grad_norm.item()
 
-    monkeypatch.setattr(ShardedAdam, "_record_grad_norm", record_and_read)
+    monkeypatch.setattr(GradClipper, "record_grad_norm", record_and_read)
     model = Net()
     opt = make_optimizer(model, CONFIGS["global_clipnorm"], jit_compile=False)
     for step in range(2):
