@@ -37,7 +37,7 @@ from .functional import (
 )
 from .gather import ParamGather
 from .kernels import UpdateRunner
-from .layout import Range, build_layout
+from .layout import build_layout
 from .pool import ByteMeter
 from .reducer import GradReducer
 from .state import (
@@ -45,10 +45,14 @@ from .state import (
     AVERAGE,
     MASTER,
     MOMENTUM,
-    OWNED_RANGE,
     VELOCITY,
     VELOCITY_HAT,
     ShardState,
+    bind_param_state,
+    check_saved_accumulators,
+    consolidate_state_dict,
+    saved_accumulators,
+    saved_shard_pieces,
 )
 
 _GRAD_SCALE = UpdateScalars._fields.index("grad_scale")
@@ -375,18 +379,7 @@ class ShardedAdam(torch.optim.Optimizer):
     def _bind_param_state(self, buffer_index: int) -> None:
         """Point ``self.state[p]`` at views of the shard state (what this rank owns of p)."""
         buffer, shard_state = self.buffers[buffer_index], self.shard_states[buffer_index]
-        prefix = self.options.name
-        for span, p in zip(buffer.layout.params, buffer.params):
-            piece = buffer.piece_of(span.index)
-            entry: dict[str, Any] = {}
-            if piece is not None:
-                whole = piece.param.numel == span.flat.numel
-                for key, tensor in shard_state.entries().items():
-                    view = tensor[piece.local.slice]
-                    entry[f"{prefix}/{key}"] = view.view(span.shape) if whole else view
-                if not whole:
-                    entry[f"{prefix}/{OWNED_RANGE}"] = (piece.param.start, piece.param.end)
-            self.state[p] = entry
+        bind_param_state(self.state, buffer, shard_state, self.options.name)
 
     # ------------------------------------------------------------------ Keras conventions
 
@@ -885,44 +878,14 @@ class ShardedAdam(torch.optim.Optimizer):
 
     def consolidated_state_dict(self, to_rank: int = 0) -> dict[str, Any] | None:
         """Collective: the state_dict one process would hold, on rank ``to_rank`` (None on the
-        others), which loads at any world size.
-
-        Streams one bucket and one kind of state at a time (each message at most a bucket),
-        never the whole model's state at once. Accumulated gradients become the mean of the
-        ranks' local sums, which is what one process would have summed.
-        """
+        others), which loads at any world size (see ``state.consolidate_state_dict``)."""
         full = self.state_dict()
         if not self.comm.active:
             return full
-        name = self.options.name
-        index_of = self._param_indices()
-        state: dict[int, dict[str, Any]] = {}
-        for buffer, shard_state in zip(self.buffers, self.shard_states):
-            for key, shard in shard_state.entries().items():
-                gathered = self.comm.gather_to(shard.contiguous(), to_rank)
-                if gathered is None:
-                    continue
-                for span, p in zip(buffer.layout.params, buffer.params):
-                    entry = state.setdefault(index_of[id(p)], {})
-                    entry[f"{name}/{key}"] = gathered[span.flat.slice].view(span.shape).clone()
-        # Ranks accumulated gradients for different parameters: reduce those of any rank.
-        accumulator = f"{name}/{ACCUMULATOR}"
         params = [p for g in self.param_groups for p in g["params"]]
-        device = params[0].device if params else None
-        has_sums = torch.zeros(len(params), dtype=torch.int32, device=device)
-        for i, entry in full["state"].items():
-            has_sums[i] = accumulator in entry
-        self.comm.all_reduce_max_(has_sums)
-        for i in torch.nonzero(has_sums).flatten().tolist():
-            sums = full["state"].get(i, {}).get(accumulator)
-            sums = torch.zeros_like(params[i]) if sums is None else sums.clone()
-            self.comm.reduce_sum_to_(sums, to_rank)
-            state.setdefault(i, {})[accumulator] = sums / self.world_size
-        if self.rank != to_rank:
-            return None
-        full["state"] = state
-        full["shardadam"]["world_size"] = 1
-        return full
+        return consolidate_state_dict(
+            full, self.comm, self.buffers, self.shard_states, params, self.options.name, to_rank
+        )
 
     def load_torch_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Import the state of a ``torch.optim.Adam`` or ``AdamW`` over the same parameters.
@@ -1032,18 +995,14 @@ class ShardedAdam(torch.optim.Optimizer):
             )
         self._check_compatible(state_dict, extra)
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
-        for b in range(len(self.buffers)):
+        index_of = self._param_indices()
+        for b, buffer in enumerate(self.buffers):
             g = self._buffer_groups[b]
             amsgrad = saved_groups[g].get("amsgrad", self.param_groups[g]["amsgrad"])
-            for _ in self._saved_shard_pieces(b, saved_state, extra["name"], amsgrad):
+            kinds = self._state_kinds(b, amsgrad)
+            for _ in saved_shard_pieces(buffer, kinds, saved_state, extra["name"], index_of):
                 pass
-        index_of = self._param_indices()
-        key = f"{extra['name']}/{ACCUMULATOR}"
-        for buffer in self.buffers:
-            for span, p in zip(buffer.layout.params, buffer.params):
-                source = saved_state.get(index_of[id(p)], {}).get(key)
-                if source is not None:  # absent: no gradient accumulated this cycle
-                    _check_shape(source, span, key)
+        check_saved_accumulators(self.buffers, saved_state, extra["name"], index_of)
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             merged = {**group, **{k: v for k, v in saved.items() if k in group}}
             check_clip_exclusive(
@@ -1080,35 +1039,15 @@ class ShardedAdam(torch.optim.Optimizer):
                     f"{option}={here!r}; create the optimizer with the same {option}"
                 )
 
-    def _saved_shard_pieces(
-        self, b: int, saved_state: dict[int, dict[str, Any]], saved_name: str, amsgrad: bool
-    ) -> Iterator[tuple[str, Range, Tensor | None]]:
-        """(state kind, elements of the shard, saved values or None) for each kind of state
-        buffer ``b`` keeps once loaded and each parameter this rank owns; raises on what is
-        missing or does not fit. None only for a missing fp32 master (rebuilt from the
-        parameters)."""
-        buffer, shard_state = self.buffers[b], self.shard_states[b]
+    def _state_kinds(self, buffer_index: int, amsgrad: bool) -> list[str]:
+        """The kinds of state buffer ``buffer_index`` keeps once loaded."""
+        shard_state = self.shard_states[buffer_index]
         kinds = [MOMENTUM, VELOCITY] + [VELOCITY_HAT] * amsgrad
         kinds += [AVERAGE] * (shard_state.ema is not None)
-        kinds += [MASTER] * (shard_state.master is not None)
-        index_of = self._param_indices()
-        for span, p in zip(buffer.layout.params, buffer.params):
-            piece = buffer.piece_of(span.index)
-            if piece is None:
-                continue
-            saved = saved_state.get(index_of[id(p)], {})
-            for kind in kinds:
-                source = saved.get(f"{saved_name}/{kind}")
-                if source is None and kind != MASTER:
-                    raise ValueError(
-                        f"the state_dict has no '{saved_name}/{kind}' for parameter "
-                        f"'{span.name}' (shape {span.shape}), which this optimizer needs"
-                    )
-                if source is not None:
-                    source = _owned_piece(source, saved, saved_name, span, piece.param)
-                yield kind, piece.local, source
+        return kinds + [MASTER] * (shard_state.master is not None)
 
     def _restore_shard_state(self, saved_state: dict[int, dict[str, Any]], saved_name: str) -> None:
+        index_of = self._param_indices()
         for b, (buffer, shard_state) in enumerate(zip(self.buffers, self.shard_states)):
             amsgrad = self.param_groups[self._buffer_groups[b]]["amsgrad"]
             if amsgrad and shard_state.exp_avg_sq_max is None:
@@ -1116,28 +1055,16 @@ class ShardedAdam(torch.optim.Optimizer):
             elif not amsgrad:
                 shard_state.exp_avg_sq_max = None
             entries = shard_state.entries()
-            pieces = self._saved_shard_pieces(b, saved_state, saved_name, amsgrad)
+            kinds = self._state_kinds(b, amsgrad)
+            pieces = saved_shard_pieces(buffer, kinds, saved_state, saved_name, index_of)
             for kind, local, source in pieces:
                 if source is None:  # no fp32 master saved: start it from the parameters
                     source = buffer.shard_param[local.slice]
                 entries[kind][local.slice].copy_(source)
             self._bind_param_state(b)
-            self._restore_accumulated_grads(b, saved_state, saved_name)
-
-    def _restore_accumulated_grads(
-        self, b: int, saved_state: dict[int, dict[str, Any]], saved_name: str
-    ) -> None:
-        """Within an accumulation cycle, put back this rank's local gradient sums (those saved:
-        a parameter without one accumulated nothing)."""
-        if self._reducer.starts_cycle:
-            return
-        index_of, key = self._param_indices(), f"{saved_name}/{ACCUMULATOR}"
-        sums = {}
-        for index, p in enumerate(self.buffers[b].params):
-            values = saved_state.get(index_of[id(p)], {}).get(key)
-            if values is not None:
-                sums[index] = values
-        self._reducer.restore_accumulated(b, sums)
+            if not self._reducer.starts_cycle:  # within a cycle: this rank's local sums
+                sums = saved_accumulators(buffer, saved_state, saved_name, index_of)
+                self._reducer.restore_accumulated(b, sums)
 
 
 def _refuse_set(params: Any, where: str) -> None:
@@ -1146,31 +1073,6 @@ def _refuse_set(params: Any, where: str) -> None:
             f"optimizer parameters{where} are given as a set, whose order can differ between "
             "runs and across ranks (parameters are matched by position); pass a list, e.g. "
             "list(model.parameters()) or model.named_parameters()"
-        )
-
-
-def _owned_piece(
-    source: Tensor, saved: dict[str, Any], saved_name: str, span: Any, owned: Any
-) -> Tensor:
-    """The elements ``owned`` (of the flattened parameter) from a saved state tensor."""
-    saved_range = saved.get(f"{saved_name}/{OWNED_RANGE}")
-    if saved_range is None:
-        _check_shape(source, span, "state")
-        return source.reshape(-1)[owned.slice]
-    if tuple(saved_range) != (owned.start, owned.end):
-        raise ValueError(
-            f"the state_dict holds elements {tuple(saved_range)} of parameter '{span.name}' but "
-            f"this rank owns {(owned.start, owned.end)}; it was saved at another world size: "
-            "load it through shardadam.checkpoint, which reshards"
-        )
-    return source.reshape(-1)
-
-
-def _check_shape(source: Tensor, span: Any, what: str) -> None:
-    if tuple(source.shape) != tuple(span.shape):
-        raise ValueError(
-            f"{what} for parameter '{span.name}' has shape {tuple(source.shape)} in the "
-            f"state_dict but the parameter has shape {span.shape}"
         )
 
 
