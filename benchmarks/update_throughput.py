@@ -21,8 +21,8 @@ import time
 import torch
 
 from shardadam import ShardedAdam
-from shardadam.functional import adam_shard_step_, adam_shard_step_inplace_, update_scalars
 from shardadam.kernels import UpdateRunner
+from shardadam.rules.adam import adam_shard_step_, adam_shard_step_inplace_, update_scalars
 
 
 def probe_s() -> float:

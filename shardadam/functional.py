@@ -1,4 +1,5 @@
-"""The per-shard math of ShardedAdam, as Keras 3 computes it.
+"""The engine's per-shard math: one step of any update rule with Keras's clipping, weight
+decay, masks, EMA and master weights around it, and the clipping helpers.
 
 Pure functions of explicit tensors and scalars: no torch.distributed, no param_groups, no
 optimizer state. Every tensor argument is a flat 1-D slice of a rank's shard, so one call
@@ -35,21 +36,15 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 
-class UpdateScalars(NamedTuple):
-    """Per-step scalars of one flat buffer, packed in this order into one 1-D tensor."""
+class EngineScalars(NamedTuple):
+    """The engine's per-step scalars of one flat buffer, packed after the rule's own."""
 
-    alpha: Tensor
-    beta_1: Tensor
-    one_minus_beta_1: Tensor
-    beta_2: Tensor
-    one_minus_beta_2: Tensor
-    epsilon: Tensor
     decay: Tensor
     """Weight-decay factor 1 - weight_decay * lr (1 when there is no decay)."""
     grad_scale: Tensor
@@ -62,42 +57,31 @@ class UpdateScalars(NamedTuple):
     """1 when the parameters take their averages at the end of this step, else 0."""
 
 
-def update_scalars(
-    learning_rate: float | Tensor,
-    beta_1: float,
-    beta_2: float,
-    epsilon: float,
+ENGINE_SCALARS = len(EngineScalars._fields)
+GRAD_SCALE_FROM_END = ENGINE_SCALARS - EngineScalars._fields.index("grad_scale")
+"""Where the global-clip factor sits in a packed scalars tensor, counted from its end."""
+
+
+def engine_scalars(
+    learning_rate: Tensor,
     weight_decay: float,
-    step: int,
     grad_scale: Tensor | float = 1.0,
     clip_value: float | None = None,
     ema_momentum: float = 0.0,
     ema_overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """The packed UpdateScalars for Adam step ``step`` (1-based); see Note [Keras scalars]."""
+    """The packed EngineScalars; ``learning_rate`` a 0-d tensor of ``dtype`` (Note [Keras
+    scalars]: Keras decays by ``weight_decay * lr`` formed in the compute dtype)."""
 
     def scalar(value: float | Tensor) -> Tensor:
         if isinstance(value, Tensor):
             return value.detach().to(device="cpu", dtype=dtype).reshape(())
         return torch.tensor(value, dtype=dtype)  # straight from the Python double
 
-    lr = scalar(learning_rate)
-    t = torch.tensor(float(step), dtype=dtype)
-    beta_1_power = torch.pow(torch.tensor(beta_1, dtype=dtype), t)
-    beta_2_power = torch.pow(torch.tensor(beta_2, dtype=dtype), t)
-    alpha = lr * torch.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-    decay = 1 - torch.tensor(weight_decay, dtype=dtype) * lr
-
     return torch.stack(
-        UpdateScalars(
-            alpha=alpha,
-            beta_1=scalar(beta_1),
-            one_minus_beta_1=scalar(1.0 - beta_1),
-            beta_2=scalar(beta_2),
-            one_minus_beta_2=scalar(1.0 - beta_2),
-            epsilon=scalar(epsilon),
-            decay=decay,
+        EngineScalars(
+            decay=1 - torch.tensor(weight_decay, dtype=dtype) * learning_rate,
             grad_scale=scalar(grad_scale),
             clip_value=scalar(math.inf if clip_value is None else clip_value),
             ema_momentum=scalar(ema_momentum),
@@ -106,31 +90,33 @@ def update_scalars(
     )
 
 
-def adam_shard_step_(
+def shard_step_(
+    rule: Any,
+    static: tuple,
     param: Tensor,
     grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    exp_avg_sq_max: Tensor | None,
+    slots: tuple[Tensor, ...],
     ema: Tensor | None,
     master: Tensor | None,
     decay_mask: Tensor | None,
     grad_mask: Tensor | None,
     scalars: Tensor,
 ) -> Tensor:
-    """One Keras Adam step over a flat shard, in place: clip, decay, moments, update, EMA.
+    """One step over a flat shard, in place: clip, decay, the rule's update, EMA.
 
-    ``master`` is the fp32 copy of a low-precision ``param`` (the update runs on it and
-    ``param`` receives the rounded result). ``decay_mask`` is True where weight decay applies
-    (None: everywhere); ``grad_mask`` is True where the parameter had a gradient this step
-    (None: everywhere): elsewhere parameter and moments keep their values, the EMA advances.
-    Returns the sum of squares of ``grad`` as given (before clipping), which the compiled
-    kernel reduces in the same pass over the gradient.
+    ``rule`` is an update-rule module (``shardadam.rules``) and ``static`` its structure;
+    ``slots`` its state in the order of ``rule.slots``; ``scalars`` the rule's packed scalars
+    followed by the EngineScalars. ``master`` is the fp32 copy of a low-precision ``param``
+    (the update runs on it and ``param`` receives the rounded result). ``decay_mask`` is True
+    where weight decay applies (None: everywhere); ``grad_mask`` is True where the parameter
+    had a gradient this step (None: everywhere): elsewhere parameter and slots keep their
+    values, the EMA advances. Returns the sum of squares of ``grad`` as given (before
+    clipping), which the compiled kernel reduces in the same pass over the gradient.
 
     Written out of place so that torch.compile fuses it into one pass; see
-    ``adam_shard_step_inplace_`` for the eager formulation.
+    ``shard_step_inplace_`` for the eager formulation.
     """
-    s = UpdateScalars(*scalars.unbind(0))
+    s = EngineScalars(*scalars[-ENGINE_SCALARS:].unbind(0))
     weights = param if master is None else master
     raw = grad.to(weights.dtype)
     g = torch.clamp(raw * s.grad_scale, -s.clip_value, s.clip_value)
@@ -138,21 +124,12 @@ def adam_shard_step_(
         decayed = weights * s.decay
     else:
         decayed = weights * torch.where(decay_mask, s.decay, torch.ones_like(s.decay))
-    m = exp_avg * s.beta_1 + g * s.one_minus_beta_1
-    v = exp_avg_sq * s.beta_2 + g * g * s.one_minus_beta_2
-    v_max = None if exp_avg_sq_max is None else torch.maximum(exp_avg_sq_max, v)
-    denom = torch.sqrt(v if v_max is None else v_max) + s.epsilon
-    new_weights = decayed - m * s.alpha / denom
+    new_weights, new_slots = rule.update(decayed, g, slots, scalars[:-ENGINE_SCALARS], static)
     if grad_mask is not None:
         new_weights = torch.where(grad_mask, new_weights, weights)
-        m = torch.where(grad_mask, m, exp_avg)
-        v = torch.where(grad_mask, v, exp_avg_sq)
-        if v_max is not None:
-            v_max = torch.where(grad_mask, v_max, exp_avg_sq_max)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
-    if v_max is not None:
-        exp_avg_sq_max.copy_(v_max)
+        new_slots = tuple(torch.where(grad_mask, n, o) for n, o in zip(new_slots, slots))
+    for old, new in zip(slots, new_slots):
+        old.copy_(new)
     if ema is not None:
         new_ema = s.ema_momentum * ema + (1 - s.ema_momentum) * new_weights
         new_weights = torch.where(s.ema_overwrite > 0, new_ema, new_weights)
@@ -164,12 +141,12 @@ def adam_shard_step_(
     return (raw * raw).sum()
 
 
-def adam_shard_step_inplace_(
+def shard_step_inplace_(
+    rule: Any,
+    static: tuple,
     param: Tensor,
     grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    exp_avg_sq_max: Tensor | None,
+    slots: tuple[Tensor, ...],
     ema: Tensor | None,
     master: Tensor | None,
     decay_mask: Tensor | None,
@@ -178,7 +155,7 @@ def adam_shard_step_inplace_(
     host_scalars: Tensor | None = None,
     grad_scale: Tensor | None = None,
 ) -> Tensor:
-    """``adam_shard_step_`` for eager mode: the same operations, in place.
+    """``shard_step_`` for eager mode: the same operations, in place (``rule.update_``).
 
     Out of place, every eager operation allocates (and page-faults) a shard-sized tensor,
     which made the eager update 45x slower than torch's fused AdamW; in place it allocates
@@ -194,14 +171,32 @@ def adam_shard_step_inplace_(
     """
     if host_scalars is None:
         host_scalars = scalars.cpu()  # called without them: a device sync if scalars are on one
-    s = UpdateScalars(*host_scalars.tolist())  # host memory: no device sync
+    floats = host_scalars.tolist()  # host memory: no device sync
+    s = EngineScalars(*floats[-ENGINE_SCALARS:])
     weights = param if master is None else master
-    state = [t for t in (weights, exp_avg, exp_avg_sq, exp_avg_sq_max, ema) if t is not None]
+    state = [t for t in (weights, *slots, ema) if t is not None]
     kept = []
     if grad_mask is not None:
         kept = [(run, [t[run].clone() for t in state]) for run in _runs_without_grad(grad_mask)]
-    grad_sq = _adam_inplace_(param, grad, exp_avg, exp_avg_sq, exp_avg_sq_max, ema, master,
-                             decay_mask, s, grad_scale)  # fmt: skip
+    g = grad if grad.dtype == weights.dtype else grad.to(weights.dtype)
+    grad_sq = torch.dot(g, g)
+    if grad_scale is not None:
+        g.mul_(grad_scale)
+    elif s.grad_scale != 1.0:
+        g.mul_(s.grad_scale)
+    if math.isfinite(s.clip_value):
+        g.clamp_(-s.clip_value, s.clip_value)
+    if decay_mask is not None:
+        weights.mul_(torch.where(decay_mask, s.decay, 1.0))
+    elif s.decay != 1.0:
+        weights.mul_(s.decay)
+    rule.update_(weights, g, slots, floats[:-ENGINE_SCALARS], static)
+    if ema is not None:
+        ema.lerp_(weights, 1.0 - s.ema_momentum)  # exact at weight 1 (the first step)
+        if s.ema_overwrite:
+            weights.copy_(ema)
+    if master is not None:
+        param.copy_(master)
     for run, old in kept:
         for now, was in zip(state, old):
             now[run] = was
@@ -240,48 +235,6 @@ def _runs_without_grad(grad_mask: Tensor) -> list[slice]:
     runs = [slice(a, b) for a, b in zip(starts, ends)]
     _runs_of_mask[key] = (weakref.ref(grad_mask, lambda _: _runs_of_mask.pop(key, None)), runs)
     return runs
-
-
-def _adam_inplace_(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    exp_avg_sq_max: Tensor | None,
-    ema: Tensor | None,
-    master: Tensor | None,
-    decay_mask: Tensor | None,
-    s: UpdateScalars,
-    grad_scale: Tensor | None,
-) -> Tensor:
-    """The in-place update of every element, with the scalars as Python floats (and
-    ``grad_scale``, where given, as a tensor: Note [no host sync in the step])."""
-    weights = param if master is None else master
-    g = grad if grad.dtype == weights.dtype else grad.to(weights.dtype)
-    grad_sq = torch.dot(g, g)
-    if grad_scale is not None:
-        g.mul_(grad_scale)
-    elif s.grad_scale != 1.0:
-        g.mul_(s.grad_scale)
-    if math.isfinite(s.clip_value):
-        g.clamp_(-s.clip_value, s.clip_value)
-    if decay_mask is not None:
-        weights.mul_(torch.where(decay_mask, s.decay, 1.0))
-    elif s.decay != 1.0:
-        weights.mul_(s.decay)
-    exp_avg.mul_(s.beta_1).add_(g, alpha=s.one_minus_beta_1)
-    exp_avg_sq.mul_(s.beta_2).addcmul_(g, g, value=s.one_minus_beta_2)
-    if exp_avg_sq_max is not None:
-        torch.maximum(exp_avg_sq_max, exp_avg_sq, out=exp_avg_sq_max)
-    denom = torch.sqrt(exp_avg_sq if exp_avg_sq_max is None else exp_avg_sq_max, out=g)
-    weights.addcdiv_(exp_avg, denom.add_(s.epsilon).div_(s.alpha), value=-1.0)
-    if ema is not None:
-        ema.lerp_(weights, 1.0 - s.ema_momentum)  # exact at weight 1 (the first step)
-        if s.ema_overwrite:
-            weights.copy_(ema)
-    if master is not None:
-        param.copy_(master)
-    return grad_sq
 
 
 def refresh_master_(master: Tensor, param: Tensor) -> None:

@@ -63,7 +63,13 @@ def _variant_key(fn: Callable, args: tuple) -> tuple:
     def describe(arg: object) -> object:
         if isinstance(arg, Tensor):
             return (arg.dtype, arg.device.type)
-        return arg is None
+        if isinstance(arg, (tuple, list)):  # a rule's slots, or its structure
+            return tuple(describe(a) for a in arg)
+        if isinstance(arg, types.ModuleType):  # an update rule
+            return arg.__name__
+        if arg is None or isinstance(arg, (bool, int, float, str)):
+            return (type(arg).__name__, arg)
+        return type(arg).__qualname__
 
     return (fn.__qualname__, tuple(describe(a) for a in args))
 

@@ -29,17 +29,18 @@ from .config import (
 from .decay import DecayExclusions
 from .ema import ShardedEMA
 from .functional import (
-    UpdateScalars,
-    adam_shard_step_,
-    adam_shard_step_inplace_,
+    GRAD_SCALE_FROM_END,
+    engine_scalars,
     refresh_master_,
-    update_scalars,
+    shard_step_,
+    shard_step_inplace_,
 )
 from .gather import ParamGather
 from .kernels import UpdateRunner
 from .layout import build_layout
 from .pool import ByteMeter
 from .reducer import GradReducer
+from .rules import adam
 from .state import (
     ACCUMULATOR,
     AVERAGE,
@@ -55,13 +56,19 @@ from .state import (
     saved_shard_pieces,
 )
 
-_GRAD_SCALE = UpdateScalars._fields.index("grad_scale")
 NO_GRADIENTS = "No gradients provided for any variable."
 """Keras's words for a step without any gradient (Keras raises; torch's optimizers do nothing)."""
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scalar_tensor(value: float | Tensor, dtype: torch.dtype) -> Tensor:
+    """A learning rate as a 0-d host tensor of the compute dtype (straight from the double)."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device="cpu", dtype=dtype).reshape(())
+    return torch.tensor(value, dtype=dtype)
 
 
 def _is_step_schedule(schedule: Callable) -> bool:
@@ -178,6 +185,7 @@ class ShardedAdam(torch.optim.Optimizer):
         self._has_names = False
         self._decay = DecayExclusions(self.buffers)
         self._scheduled_lr: dict[int, float] = {}
+        self._rule = adam
         self._ema = ShardedEMA(
             self.comm, self.buffers, self.shard_states, self._param_gather, self.options
         )
@@ -363,9 +371,8 @@ class ShardedAdam(torch.optim.Optimizer):
         def zeros() -> Tensor:
             return torch.zeros(buffer.shard.numel, dtype=dtype, device=buffer.device)
 
-        state = ShardState(exp_avg=zeros(), exp_avg_sq=zeros())
-        if group["amsgrad"]:
-            state.exp_avg_sq_max = zeros()
+        slots = self._rule.slots(self._rule_hyperparameters(group))
+        state = ShardState(slots={name: torch.full_like(zeros(), v) for name, v in slots.items()})
         if dtype != buffer.dtype:
             state.master = buffer.shard_param.to(dtype)
         if self.options.use_ema:
@@ -702,6 +709,19 @@ class ShardedAdam(torch.optim.Optimizer):
         return value
 
     @staticmethod
+    def _rule_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+        """The rule's hyperparameters under Keras's names, from a group's torch keys (betas
+        still as given: a callable beta is read by ``_group_betas`` when the step forms its
+        scalars)."""
+        beta_1, beta_2 = group["betas"]
+        return {
+            "beta_1": beta_1,
+            "beta_2": beta_2,
+            "epsilon": group["eps"],
+            "amsgrad": group["amsgrad"],
+        }
+
+    @staticmethod
     def _group_betas(group: dict[str, Any]) -> tuple[float, float]:
         betas = []
         for name, beta in zip(("beta_1", "beta_2"), group["betas"]):
@@ -725,17 +745,21 @@ class ShardedAdam(torch.optim.Optimizer):
         for b, buffer in enumerate(self.buffers):
             group = self.param_groups[self._buffer_groups[b]]
             lr, (beta_1, beta_2) = per_group[self._buffer_groups[b]]
-            packed = update_scalars(
-                lr,
-                beta_1,
-                beta_2,
-                group["eps"],
-                group["weight_decay"],
-                step=self.iterations + 1,
-                clip_value=group["clipvalue"],
-                ema_momentum=ema_momentum,
-                ema_overwrite=ema_overwrite,
-                dtype=_compute_dtype(buffer.dtype),
+            dtype = _compute_dtype(buffer.dtype)
+            lr_tensor = _scalar_tensor(lr, dtype)
+            hp = {**self._rule_hyperparameters(group), "beta_1": beta_1, "beta_2": beta_2}
+            packed = torch.cat(
+                [
+                    self._rule.scalars(hp, lr_tensor, self.iterations + 1, dtype),
+                    engine_scalars(
+                        lr_tensor,
+                        group["weight_decay"],
+                        clip_value=group["clipvalue"],
+                        ema_momentum=ema_momentum,
+                        ema_overwrite=ema_overwrite,
+                        dtype=dtype,
+                    ),
+                ]
             )
             # From pageable memory the host waits for the CUDA stream to copy; pinned, the copy
             # is queued. A new pinned tensor each step: the caching host allocator keeps each
@@ -760,26 +784,29 @@ class ShardedAdam(torch.optim.Optimizer):
             host_scalars, device_scalars = scalars[b]
             device_grad_scale = None
             if grad_scale is not None:
-                device_scalars[_GRAD_SCALE] = grad_scale.to(device_scalars.dtype)
-                device_grad_scale = device_scalars[_GRAD_SCALE]
+                device_scalars[-GRAD_SCALE_FROM_END] = grad_scale.to(device_scalars.dtype)
+                device_grad_scale = device_scalars[-GRAD_SCALE_FROM_END]
             # Note [no host sync in the step] (in ``functional``): the eager kernel takes its
             # floats from the host copy and the clip factor as a tensor.
             eager = functools.partial(
-                adam_shard_step_inplace_, host_scalars=host_scalars, grad_scale=device_grad_scale
+                shard_step_inplace_, host_scalars=host_scalars, grad_scale=device_grad_scale
             )
-            if group["amsgrad"] and state.exp_avg_sq_max is None:
-                state.exp_avg_sq_max = torch.zeros_like(state.exp_avg_sq)
+            hp = self._rule_hyperparameters(group)
+            wanted = self._rule.slots(hp)
+            if state.add_missing_slots_(
+                wanted, buffer.shard.numel, _compute_dtype(buffer.dtype), buffer.device
+            ):
                 self._bind_param_state(b)
             decay_mask = self._decay.mask(b) if group["weight_decay"] != 0 else None
             grad_sq.append(
                 self._runner(
-                    adam_shard_step_,
+                    shard_step_,
                     eager,
+                    self._rule,
+                    self._rule.static(hp),
                     buffer.shard_param,
                     buffer.shard_grad,
-                    state.exp_avg,
-                    state.exp_avg_sq,
-                    state.exp_avg_sq_max if group["amsgrad"] else None,
+                    tuple(state.slots[name] for name in wanted),
                     state.ema,
                     state.master,
                     decay_mask,
@@ -828,8 +855,8 @@ class ShardedAdam(torch.optim.Optimizer):
         states = self.shard_states
         kept_grads = nbytes(b.flat_grad for b in self.buffers if b.keep_full_grad)
         report = {
-            "moments": nbytes(t for s in states for t in (s.exp_avg, s.exp_avg_sq)),
-            "amsgrad_max": nbytes(s.exp_avg_sq_max for s in states),
+            "moments": nbytes(s.slots.get(k) for s in states for k in (MOMENTUM, VELOCITY)),
+            "amsgrad_max": nbytes(s.slots.get(VELOCITY_HAT) for s in states),
             "ema": nbytes(s.ema for s in states),
             "master_weights": nbytes(s.master for s in states),
             "grad_shards": nbytes(b.shard_grad for b in self.buffers if not b.keep_full_grad),
@@ -1042,7 +1069,8 @@ class ShardedAdam(torch.optim.Optimizer):
     def _state_kinds(self, buffer_index: int, amsgrad: bool) -> list[str]:
         """The kinds of state buffer ``buffer_index`` keeps once loaded."""
         shard_state = self.shard_states[buffer_index]
-        kinds = [MOMENTUM, VELOCITY] + [VELOCITY_HAT] * amsgrad
+        group = self.param_groups[self._buffer_groups[buffer_index]]
+        kinds = list(self._rule.slots({**self._rule_hyperparameters(group), "amsgrad": amsgrad}))
         kinds += [AVERAGE] * (shard_state.ema is not None)
         return kinds + [MASTER] * (shard_state.master is not None)
 
@@ -1050,10 +1078,13 @@ class ShardedAdam(torch.optim.Optimizer):
         index_of = self._param_indices()
         for b, (buffer, shard_state) in enumerate(zip(self.buffers, self.shard_states)):
             amsgrad = self.param_groups[self._buffer_groups[b]]["amsgrad"]
-            if amsgrad and shard_state.exp_avg_sq_max is None:
-                shard_state.exp_avg_sq_max = torch.zeros_like(shard_state.exp_avg_sq)
-            elif not amsgrad:
-                shard_state.exp_avg_sq_max = None
+            hp = {**self._rule_hyperparameters(self.param_groups[self._buffer_groups[b]])}
+            wanted = self._rule.slots(hp)
+            shard_state.add_missing_slots_(
+                wanted, buffer.shard.numel, _compute_dtype(buffer.dtype), buffer.device
+            )
+            for name in [n for n in shard_state.slots if n not in wanted]:
+                del shard_state.slots[name]  # what the loaded state does not use
             entries = shard_state.entries()
             kinds = self._state_kinds(b, amsgrad)
             pieces = saved_shard_pieces(buffer, kinds, saved_state, saved_name, index_of)

@@ -25,22 +25,26 @@ SHARDED_KINDS = (MOMENTUM, VELOCITY, VELOCITY_HAT, AVERAGE, MASTER)
 class ShardState:
     """The optimizer state of one buffer's owned shard, in the compute dtype."""
 
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    exp_avg_sq_max: Tensor | None = None
+    slots: dict[str, Tensor]
+    """The update rule's state, by Keras's variable name, in the rule's order."""
     ema: Tensor | None = None
     master: Tensor | None = None
     """fp32 copy of a low-precision shard; the update runs on it."""
 
     def entries(self) -> dict[str, Tensor]:
-        named = {
-            MOMENTUM: self.exp_avg,
-            VELOCITY: self.exp_avg_sq,
-            VELOCITY_HAT: self.exp_avg_sq_max,
-            AVERAGE: self.ema,
-            MASTER: self.master,
-        }
+        named = {**self.slots, AVERAGE: self.ema, MASTER: self.master}
         return {k: v for k, v in named.items() if v is not None}
+
+    def add_missing_slots_(
+        self, wanted: dict[str, float], numel: int, dtype: torch.dtype, device: torch.device
+    ) -> bool:
+        """Add the slots of ``wanted`` ({name: initial value}) not kept yet, at their initial
+        value (a hyperparameter changed the rule's structure, e.g. amsgrad switched on); slots
+        no longer wanted stay, as torch's optimizers keep them. True if one was added."""
+        missing = [name for name in wanted if name not in self.slots]
+        for name in missing:
+            self.slots[name] = torch.full((numel,), wanted[name], dtype=dtype, device=device)
+        return bool(missing)
 
 
 def bind_param_state(

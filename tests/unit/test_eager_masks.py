@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shardadam import ShardedAdam, functional
-from shardadam.functional import adam_shard_step_, adam_shard_step_inplace_, update_scalars
+from shardadam.rules.adam import adam_shard_step_, adam_shard_step_inplace_, update_scalars
 
 N = 100
 # Elements 0-9, 40-69 and 95-99 have no gradient: runs at both ends and in the middle.

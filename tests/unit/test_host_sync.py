@@ -35,7 +35,7 @@ class Read(NamedTuple):
     device: str
 
 
-EAGER_KERNEL_FLOATS = Read("tolist", "functional.py:adam_shard_step_inplace_", "cpu")
+EAGER_KERNEL_FLOATS = Read("tolist", "functional.py:shard_step_inplace_", "cpu")
 """The eager kernel's Python floats, from the host copy of the packed scalars."""
 SCHEDULE_VALUE = Read("__float__", "optimizer.py:_group_learning_rate", "cpu")
 """A schedule's learning rate, a CPU tensor (shardadam.schedules return those)."""
