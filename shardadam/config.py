@@ -29,6 +29,11 @@ GROUP_KEYS: dict[str, tuple[str, int | None]] = {
     "clipvalue": ("clipvalue", None),
 }
 
+BASE_GROUP_KEYS = {
+    name: GROUP_KEYS[name] for name in ("learning_rate", "weight_decay", "clipnorm", "clipvalue")
+}
+"""The keys of the base optimizer's per-group arguments; a rule adds its own."""
+
 # Keys that the optimizer adds to every param group besides GROUP_KEYS' targets.
 # ``lr_schedule`` holds a schedule or zero-argument callable when the learning rate is one;
 # ``lr`` then holds the value the last step used.
@@ -149,21 +154,25 @@ def check_clip_exclusive(clipnorm: Any, clipvalue: Any, global_clipnorm: Any, wh
         )
 
 
-def group_from_keras_names(overrides: dict[str, Any], where: str) -> dict[str, Any]:
-    """Translate a param-group dict given with Keras names into torch's keys.
+def group_from_keras_names(
+    overrides: dict[str, Any], where: str, keys: dict[str, tuple[str, int | None]] | None = None
+) -> dict[str, Any]:
+    """Translate a param-group dict given with Keras names into torch's keys (``keys``: the
+    table to use, GROUP_KEYS by default).
 
     Torch keys pass through unchanged; a value given under both names is an error.
     """
-    group = {k: v for k, v in overrides.items() if k not in GROUP_KEYS}
+    keys = GROUP_KEYS if keys is None else keys
+    group = {k: v for k, v in overrides.items() if k not in keys}
     for keras_name, value in overrides.items():
         if keras_name in OPTIMIZER_WIDE:
             raise ValueError(
                 f"Invalid {where}: {keras_name!r} cannot be set per param group, because "
                 f"{OPTIMIZER_WIDE[keras_name]}; pass it to ShardedAdam itself"
             )
-        if keras_name not in GROUP_KEYS:
+        if keras_name not in keys:
             continue
-        key, index = GROUP_KEYS[keras_name]
+        key, index = keys[keras_name]
         if index is None:
             if key != keras_name and key in overrides:
                 raise ValueError(
@@ -171,13 +180,14 @@ def group_from_keras_names(overrides: dict[str, Any], where: str) -> dict[str, A
                 )
             group[key] = value
         else:
-            if "betas" in overrides:
+            if key in overrides:
                 raise ValueError(
-                    f"Invalid {where}: both {keras_name!r} and 'betas' are given; use one"
+                    f"Invalid {where}: both {keras_name!r} and {key!r} are given; use one"
                 )
-            betas = list(group.get("betas", (None, None)))
-            betas[index] = value
-            group["betas"] = tuple(betas)
+            width = 1 + max(i for k, i in keys.values() if k == key and i is not None)
+            values = list(group.get(key, (None,) * width))
+            values[index] = value
+            group[key] = tuple(values)
     return group
 
 
@@ -196,8 +206,14 @@ def check_group(group: dict[str, Any], where: str, prefix: str = "") -> None:
     check_beta(betas[0], f"{prefix}beta_1{where}")
     check_beta(betas[1], f"{prefix}beta_2{where}")
     check_number_range(group["eps"], f"{prefix}epsilon{where}", low=0.0)
-    check_number_range(group["weight_decay"], f"{prefix}weight_decay{where}", low=0.0)
     check_bool(group["amsgrad"], f"{prefix}amsgrad{where}")
+    check_base_group(group, where, prefix)
+
+
+def check_base_group(group: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Validate what every rule's param group holds besides the learning rate: weight decay
+    and the per-tensor clipping arguments."""
+    check_number_range(group["weight_decay"], f"{prefix}weight_decay{where}", low=0.0)
     for name in ("clipnorm", "clipvalue"):
         check_number_range(
             group[name], f"{prefix}{name}{where}", low=0.0, low_open=True, optional=True

@@ -1,4 +1,5 @@
-"""ShardedAdam: Keras 3's Adam as a torch optimizer over flat, sharded buffers."""
+"""The engine's facade: ShardedOptimizer, a torch optimizer that runs one update rule (a
+module of ``shardadam.rules``) with Keras 3's semantics over flat, sharded buffers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -17,12 +19,12 @@ from . import comm
 from .buffers import FlatBuffer
 from .clipping import GradClipper
 from .config import (
+    BASE_GROUP_KEYS,
     LR_SCHEDULE_KEY,
     OptimizerOptions,
     ShardingOptions,
-    check_beta_value,
+    check_base_group,
     check_clip_exclusive,
-    check_group,
     check_learning_rate,
     group_from_keras_names,
 )
@@ -40,7 +42,16 @@ from .kernels import UpdateRunner
 from .layout import build_layout
 from .pool import ByteMeter
 from .reducer import GradReducer
-from .rules import adam
+from .rule_groups import (
+    check_group_shape,
+    evaluated,
+    fill_tuple_gaps,
+    group_entries,
+    hyperparameters_of,
+    merged_saved_value,
+    rule_group_keys,
+    without_code,
+)
 from .state import (
     ACCUMULATOR,
     AVERAGE,
@@ -84,14 +95,14 @@ def _split_learning_rate(learning_rate: Any) -> tuple[Any, Callable | None]:
     return float(value), learning_rate
 
 
-class ShardedAdam(torch.optim.Optimizer):
-    """Adam with Keras 3's semantics, whose state is sharded across the ranks of a group.
+class ShardedOptimizer(torch.optim.Optimizer):
+    """A Keras 3 optimizer whose state is sharded across the ranks of a group; the update
+    rule (``rule``, a module of ``shardadam.rules``) is the only part that differs between
+    the optimizers of the family (``shardadam.optimizers``).
 
-    Update rule (Keras's, see Note [Keras scalars] in ``functional``): per step t, after
-    unscaling (``loss_scale_factor``), gradient accumulation and clipping,
-    ``p *= 1 - weight_decay*lr``; ``m = b1*m + (1-b1)*g``; ``v = b2*v + (1-b2)*g^2``;
-    ``p -= lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v)+epsilon)`` (AMSGrad: v replaced by its
-    running max); then the EMA ``avg = m*avg + (1-m)*p`` (``avg = p`` at the first step).
+    Every step, after unscaling (``loss_scale_factor``), gradient accumulation and clipping:
+    ``p *= 1 - weight_decay*lr``, the rule's update, then the EMA ``avg = m*avg + (1-m)*p``
+    (``avg = p`` at the first step), as Keras's base optimizer does.
 
     Communication: parameters of one (param group, dtype) live in flat buffers (buckets of
     about ``bucket_cap_mb`` across ranks), each split into ``world_size`` equal shards; rank r
@@ -102,7 +113,8 @@ class ShardedAdam(torch.optim.Optimizer):
     process group the collectives are no-ops and the same code runs in one process.
 
     State dict: torch's format: ``state`` maps each parameter's index to
-    ``{"<name>/momentum", "<name>/velocity", ...}`` tensors shaped like the parameter (a 1-D
+    ``{"<name>/<slot>", ...}`` tensors (the rule's slots, e.g. ``momentum``) shaped like the
+    parameter (a 1-D
     piece plus ``"<name>/owned_range"`` where a rank owns part of it); ``param_groups`` hold
     torch's keys; ``shardadam`` holds the step counter, options and weight-decay exclusions.
     """
@@ -114,11 +126,9 @@ class ShardedAdam(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        learning_rate: Any = 0.001,
-        beta_1: Any = 0.9,
-        beta_2: Any = 0.999,
-        epsilon: float = 1e-7,
-        amsgrad: bool = False,
+        rule: ModuleType,
+        hyperparameters: dict[str, Any],
+        learning_rate: Any,
         weight_decay: float | None = None,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
@@ -129,10 +139,15 @@ class ShardedAdam(torch.optim.Optimizer):
         loss_scale_factor: float | None = None,
         gradient_accumulation_steps: int | None = None,
         jit_compile: bool = True,
-        name: str = "Adam",
+        name: str | None = None,
         process_group: object | None = None,
         **sharding_options: Any,
     ) -> None:
+        """``rule``: the update rule; ``hyperparameters``: its own arguments (Keras's names,
+        every key of ``rule.HYPERPARAMETERS``); the rest are Keras's base-optimizer arguments
+        and the sharding options (``ShardingOptions``)."""
+        self._rule = rule
+        name = rule.NAME if name is None else name
         self.options = OptimizerOptions(
             global_clipnorm=global_clipnorm,
             use_ema=use_ema,
@@ -148,8 +163,9 @@ class ShardedAdam(torch.optim.Optimizer):
         unknown = sorted(set(sharding_options) - known)
         if unknown:
             raise ValueError(
-                f"Argument(s) not recognized: {unknown} (ShardedAdam takes Keras's Adam "
-                f"arguments, process_group, and the sharding options {sorted(known)})"
+                f"Argument(s) not recognized: {unknown} ({type(self).__name__} takes Keras's "
+                f"{rule.NAME} arguments, process_group, and the sharding options "
+                f"{sorted(known)})"
             )
         self.sharding = ShardingOptions(**sharding_options)
         self.process_group = comm.default_group(process_group)
@@ -163,14 +179,12 @@ class ShardedAdam(torch.optim.Optimizer):
         defaults = {
             "lr": lr_value,
             LR_SCHEDULE_KEY: lr_schedule,
-            "betas": (beta_1, beta_2),
-            "eps": epsilon,
+            **group_entries(rule, hyperparameters),
             "weight_decay": 0.0 if weight_decay is None else weight_decay,
-            "amsgrad": amsgrad,
             "clipnorm": clipnorm,
             "clipvalue": clipvalue,
         }
-        check_group(defaults, "")
+        self._check_group(defaults, "")
 
         self.buffers: list[FlatBuffer] = []
         self.shard_states: list[ShardState] = []
@@ -185,7 +199,6 @@ class ShardedAdam(torch.optim.Optimizer):
         self._has_names = False
         self._decay = DecayExclusions(self.buffers)
         self._scheduled_lr: dict[int, float] = {}
-        self._rule = adam
         self._ema = ShardedEMA(
             self.comm, self.buffers, self.shard_states, self._param_gather, self.options
         )
@@ -202,12 +215,9 @@ class ShardedAdam(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f" (param group {len(self.param_groups)})"
-        group = group_from_keras_names(param_group, f"param group {len(self.param_groups)}")
-        if "betas" in group and None in group["betas"]:
-            default_betas = self.defaults["betas"]
-            group["betas"] = tuple(
-                d if b is None else b for b, d in zip(group["betas"], default_betas)
-            )
+        keys = {**BASE_GROUP_KEYS, **rule_group_keys(self._rule)}
+        group = group_from_keras_names(param_group, f"param group {len(self.param_groups)}", keys)
+        fill_tuple_gaps(self._rule, group, self.defaults)
         if "lr" in group:
             check_learning_rate(group["lr"], f"learning_rate{where}")
             group["lr"], group[LR_SCHEDULE_KEY] = _split_learning_rate(group["lr"])
@@ -224,7 +234,7 @@ class ShardedAdam(torch.optim.Optimizer):
             group["param_names"] = []  # an empty group has no names to disagree with
         super().add_param_group(group)
         group = self.param_groups[-1]
-        check_group(group, where)
+        self._check_group(group, where)
         check_clip_exclusive(
             group["clipnorm"], group["clipvalue"], self.options.global_clipnorm, where
         )
@@ -232,6 +242,16 @@ class ShardedAdam(torch.optim.Optimizer):
         self._build_buffers(len(self.param_groups) - 1)
         if self._decay.any:
             self._rebuild_decay_masks()  # the patterns apply to the new parameters too
+
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        """Validate one param group's hyperparameters (as stored: torch keys)."""
+        schedule = group.get(LR_SCHEDULE_KEY)
+        check_learning_rate(
+            schedule if schedule is not None else group["lr"], f"learning_rate{where}"
+        )
+        check_group_shape(self._rule, group, where)
+        self._rule.check(hyperparameters_of(self._rule, group), where)
+        check_base_group(group, where)
 
     def _check_params(self, params: list[Any], where: str) -> None:
         seen = {
@@ -249,7 +269,8 @@ class ShardedAdam(torch.optim.Optimizer):
                 )
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError(
-                    f"parameter {name}{where} is sparse; ShardedAdam needs dense parameters"
+                    f"parameter {name}{where} is sparse; {type(self).__name__} needs dense "
+                    "parameters"
                 )
             if not p.is_floating_point():
                 raise TypeError(
@@ -266,7 +287,8 @@ class ShardedAdam(torch.optim.Optimizer):
             devices.add(p.device)
         if len(devices) > 1:
             raise ValueError(
-                f"parameters are on several devices {sorted(map(str, devices))}; ShardedAdam "
+                f"parameters are on several devices {sorted(map(str, devices))}; "
+                f"{type(self).__name__} "
                 "needs all parameters on one device (the rank's device)"
             )
 
@@ -607,9 +629,10 @@ class ShardedAdam(torch.optim.Optimizer):
                 span, p = buffer.layout.params[index], buffer.params[index]
                 raise RuntimeError(
                     f"parameter '{span.name}' ({p.dtype} on {p.device}) is no longer a view of "
-                    f"ShardedAdam's flat {buffer.dtype} buffer on {buffer.device}: the model "
-                    "was converted or moved after the optimizer was built (model.double(), "
-                    ".to(device), .to(memory_format=...)), so step() could not change it; "
+                    f"{type(self).__name__}'s flat {buffer.dtype} buffer on {buffer.device}: "
+                    "the model was converted or moved after the optimizer was built "
+                    "(model.double(), .to(device), .to(memory_format=...)), so step() could not "
+                    "change it; "
                     "build the optimizer after moving or converting the model"
                 )
 
@@ -623,11 +646,12 @@ class ShardedAdam(torch.optim.Optimizer):
 
     def _refuse_grad_scaler(self) -> None:
         if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
+            name = type(self).__name__
             raise RuntimeError(
-                "torch.amp.GradScaler cannot drive ShardedAdam: its inf checks and unscaling "
+                f"torch.amp.GradScaler cannot drive {name}: its inf checks and unscaling "
                 "read p.grad, which across ranks holds no reduced gradient, so ranks could "
                 "skip different steps. Use bf16 parameters (the fp32 master weights need no "
-                "loss scaling) or a static loss scale: ShardedAdam(..., "
+                f"loss scaling) or a static loss scale: {name}(..., "
                 "loss_scale_factor=1024.0) with opt.scale_loss(loss).backward()"
             )
 
@@ -653,10 +677,11 @@ class ShardedAdam(torch.optim.Optimizer):
         self._reducer.close()
 
     def __reduce_ex__(self, protocol: Any) -> Any:
+        name = type(self).__name__
         raise TypeError(
-            "a ShardedAdam cannot be pickled or copied: its state lives in flat buffers that "
+            f"a {name} cannot be pickled or copied: its state lives in flat buffers that "
             "the model's parameters are views of (and across ranks, in other processes); save "
-            "opt.state_dict() or use shardadam.checkpoint, and load it into a new ShardedAdam"
+            f"opt.state_dict() or use shardadam.checkpoint, and load it into a new {name}"
         )
 
     def _prepare_shard_grads(
@@ -708,27 +733,9 @@ class ShardedAdam(torch.optim.Optimizer):
             self._scheduled_lr[index] = value
         return value
 
-    @staticmethod
-    def _rule_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-        """The rule's hyperparameters under Keras's names, from a group's torch keys (betas
-        still as given: a callable beta is read by ``_group_betas`` when the step forms its
-        scalars)."""
-        beta_1, beta_2 = group["betas"]
-        return {
-            "beta_1": beta_1,
-            "beta_2": beta_2,
-            "epsilon": group["eps"],
-            "amsgrad": group["amsgrad"],
-        }
-
-    @staticmethod
-    def _group_betas(group: dict[str, Any]) -> tuple[float, float]:
-        betas = []
-        for name, beta in zip(("beta_1", "beta_2"), group["betas"]):
-            value = float(beta() if callable(beta) else beta)
-            check_beta_value(value, name)
-            betas.append(value)
-        return betas[0], betas[1]
+    def _rule_hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The rule's hyperparameters under Keras's names, as a param group stores them."""
+        return hyperparameters_of(self._rule, group)
 
     def _update_scalars(self) -> list[tuple[Tensor, Tensor]]:
         """Per buffer, the packed UpdateScalars of this step: in host memory (the eager
@@ -737,17 +744,15 @@ class ShardedAdam(torch.optim.Optimizer):
         ema_momentum, ema_overwrite = self._ema.scalars(self.iterations)
         per_group = []
         for index, group in enumerate(self.param_groups):
-            check_group(group, f" (param group {index})")
-            per_group.append(
-                (self._group_learning_rate(index, record=True), self._group_betas(group))
-            )
+            self._check_group(group, f" (param group {index})")
+            lr = self._group_learning_rate(index, record=True)
+            per_group.append((lr, evaluated(self._rule, self._rule_hyperparameters(group))))
         scalars = []
         for b, buffer in enumerate(self.buffers):
             group = self.param_groups[self._buffer_groups[b]]
-            lr, (beta_1, beta_2) = per_group[self._buffer_groups[b]]
+            lr, hp = per_group[self._buffer_groups[b]]
             dtype = _compute_dtype(buffer.dtype)
             lr_tensor = _scalar_tensor(lr, dtype)
-            hp = {**self._rule_hyperparameters(group), "beta_1": beta_1, "beta_2": beta_2}
             packed = torch.cat(
                 [
                     self._rule.scalars(hp, lr_tensor, self.iterations + 1, dtype),
@@ -914,62 +919,8 @@ class ShardedAdam(torch.optim.Optimizer):
             full, self.comm, self.buffers, self.shard_states, params, self.options.name, to_rank
         )
 
-    def load_torch_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Import the state of a ``torch.optim.Adam`` or ``AdamW`` over the same parameters.
-
-        The moments carry over as they are (torch and Keras update m and v alike) and the step
-        count becomes ``iterations``; this optimizer keeps its own hyperparameters. torch's
-        ``eps`` is not imported: Keras's ``epsilon`` sits beside sqrt(v) with the bias
-        correction folded into the step size, so torch's eps equals ``epsilon * sqrt(1 -
-        beta_2^t)`` at step t and no constant maps one onto the other.
-        """
-        groups, saved = state_dict.get("param_groups"), state_dict.get("state")
-        if groups is None or saved is None or "shardadam" in state_dict:
-            raise ValueError(
-                "load_torch_state_dict() expects the state_dict() of torch.optim.Adam/AdamW; "
-                "use load_state_dict() for a ShardedAdam's"
-            )
-        counts = [len(g["params"]) for g in groups]
-        here = [len(g["params"]) for g in self.param_groups]
-        if counts != here:
-            raise ValueError(
-                f"the torch state_dict has groups of {counts} parameters but this optimizer "
-                f"has {here}; import it into an optimizer over the same parameters"
-            )
-        for index, group in enumerate(groups):
-            if group.get("weight_decay", 0) and not group.get("decoupled_weight_decay", True):
-                raise ValueError(
-                    f"param group {index} of the torch state_dict uses Adam's L2 weight decay "
-                    f"(weight_decay={group['weight_decay']}), which Keras's Adam has no "
-                    "counterpart for; only the state of AdamW or of Adam without weight decay "
-                    "imports"
-                )
-        steps = {int(float(entry["step"])) for entry in saved.values() if "step" in entry}
-        if len(steps) > 1:
-            raise ValueError(f"the torch state_dict's parameters are at different steps {steps}")
-        name = self.options.name
-        params = [p for g in self.param_groups for p in g["params"]]
-        state = {}
-        for i, p in enumerate(params):
-            entry = saved.get(i, {})
-            zeros = torch.zeros(p.shape, dtype=torch.float32)
-            exp_avg_sq = entry.get("exp_avg_sq", zeros)
-            state[i] = {
-                f"{name}/{MOMENTUM}": entry.get("exp_avg", zeros),
-                f"{name}/{VELOCITY}": exp_avg_sq,
-                f"{name}/{VELOCITY_HAT}": entry.get("max_exp_avg_sq", exp_avg_sq),
-                # The EMA starts at the parameters, as for a group added mid-training.
-                f"{name}/{AVERAGE}": p.detach().float(),
-            }
-        converted = self.state_dict()
-        converted["state"] = state
-        converted["shardadam"]["micro_steps"] = (steps.pop() if steps else 0) * (
-            self.options.gradient_accumulation_steps or 1
-        )
-        self.load_state_dict(converted)
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Collective when sharded: restore a ``state_dict()`` of a ShardedAdam over the same
+        """Collective when sharded: restore a ``state_dict()`` of this optimizer over the same
         parameters, then gather the parameters from their owners' shards.
 
         Schedules and callables are code, not state: this optimizer keeps its own. A
@@ -988,10 +939,8 @@ class ShardedAdam(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key in ("params", LR_SCHEDULE_KEY):
                     continue
-                if key == "betas":
-                    value = tuple(
-                        old if new is None else new for old, new in zip(group["betas"], value)
-                    )
+                if key in group:
+                    value = merged_saved_value(self._rule, key, group[key], value)
                 if key == "lr" and group[LR_SCHEDULE_KEY] is not None:
                     continue
                 if key == "lr" and isinstance(group["lr"], Tensor):
@@ -1017,16 +966,21 @@ class ShardedAdam(torch.optim.Optimizer):
         extra = state_dict.get("shardadam")
         if extra is None or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError(
-                "load_state_dict() expects the state_dict() of a ShardedAdam (keys 'state', "
-                f"'param_groups', 'shardadam'); got keys {sorted(state_dict)}"
+                f"load_state_dict() expects the state_dict() of a {type(self).__name__} (keys "
+                f"'state', 'param_groups', 'shardadam'); got keys {sorted(state_dict)}"
             )
         self._check_compatible(state_dict, extra)
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         index_of = self._param_indices()
         for b, buffer in enumerate(self.buffers):
-            g = self._buffer_groups[b]
-            amsgrad = saved_groups[g].get("amsgrad", self.param_groups[g]["amsgrad"])
-            kinds = self._state_kinds(b, amsgrad)
+            group = self.param_groups[self._buffer_groups[b]]
+            saved = saved_groups[self._buffer_groups[b]]
+            merged = {
+                **group,
+                **{k: merged_saved_value(self._rule, k, group[k], v) for k, v in saved.items()
+                   if k in group and k != "params"},
+            }  # fmt: skip
+            kinds = self._state_kinds(b, self._rule_hyperparameters(merged))
             for _ in saved_shard_pieces(buffer, kinds, saved_state, extra["name"], index_of):
                 pass
         check_saved_accumulators(self.buffers, saved_state, extra["name"], index_of)
@@ -1066,18 +1020,17 @@ class ShardedAdam(torch.optim.Optimizer):
                     f"{option}={here!r}; create the optimizer with the same {option}"
                 )
 
-    def _state_kinds(self, buffer_index: int, amsgrad: bool) -> list[str]:
-        """The kinds of state buffer ``buffer_index`` keeps once loaded."""
+    def _state_kinds(self, buffer_index: int, hp: dict[str, Any]) -> list[str]:
+        """The kinds of state buffer ``buffer_index`` keeps once loaded with hyperparameters
+        ``hp`` (Keras's names)."""
         shard_state = self.shard_states[buffer_index]
-        group = self.param_groups[self._buffer_groups[buffer_index]]
-        kinds = list(self._rule.slots({**self._rule_hyperparameters(group), "amsgrad": amsgrad}))
+        kinds = list(self._rule.slots(hp))
         kinds += [AVERAGE] * (shard_state.ema is not None)
         return kinds + [MASTER] * (shard_state.master is not None)
 
     def _restore_shard_state(self, saved_state: dict[int, dict[str, Any]], saved_name: str) -> None:
         index_of = self._param_indices()
         for b, (buffer, shard_state) in enumerate(zip(self.buffers, self.shard_states)):
-            amsgrad = self.param_groups[self._buffer_groups[b]]["amsgrad"]
             hp = {**self._rule_hyperparameters(self.param_groups[self._buffer_groups[b]])}
             wanted = self._rule.slots(hp)
             shard_state.add_missing_slots_(
@@ -1086,7 +1039,7 @@ class ShardedAdam(torch.optim.Optimizer):
             for name in [n for n in shard_state.slots if n not in wanted]:
                 del shard_state.slots[name]  # what the loaded state does not use
             entries = shard_state.entries()
-            kinds = self._state_kinds(b, amsgrad)
+            kinds = self._state_kinds(b, hp)
             pieces = saved_shard_pieces(buffer, kinds, saved_state, saved_name, index_of)
             for kind, local, source in pieces:
                 if source is None:  # no fp32 master saved: start it from the parameters
@@ -1107,11 +1060,13 @@ def _refuse_set(params: Any, where: str) -> None:
         )
 
 
-def _pack_shardadam_state(optimizer: ShardedAdam, state_dict: dict[str, Any]) -> dict[str, Any]:
+def _pack_shardadam_state(
+    optimizer: ShardedOptimizer, state_dict: dict[str, Any]
+) -> dict[str, Any]:
     """state_dict post-hook: drop code from the groups, add the optimizer-wide state."""
     for group in state_dict["param_groups"]:
         group[LR_SCHEDULE_KEY] = None
-        group["betas"] = tuple(None if callable(b) else b for b in group["betas"])
+        without_code(optimizer._rule, group)
     if not optimizer._reducer.starts_cycle:
         # Note [accumulation without communication]: this rank's local gradient sums, whole
         # parameters, live in the flat gradient buffers; only those of parameters that

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .app_config import TrainConfig
 from .bootstrap import DistributedContext
-from .optimizer import ShardedAdam
+from .optimizers import ShardedAdam
 
 LOGGER = logging.getLogger("shardadam.train")
 """The app's messages. On rank 0: the console once (above the progress bar) and the root

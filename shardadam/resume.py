@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .app_config import RESUME_AUTO, TrainConfig, TrainerConfig
-from .optimizer import ShardedAdam
+from .optimizers import ShardedAdam
 
 # Settings that decide which state the optimizer keeps: the checkpoint's state fits only them.
 STATE_SETTINGS = ("optimizer.use_ema", "optimizer.amsgrad", "optimizer.gradient_accumulation_steps")

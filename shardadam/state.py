@@ -17,8 +17,6 @@ from .layout import Range
 MOMENTUM, VELOCITY, VELOCITY_HAT = "momentum", "velocity", "velocity_hat"
 AVERAGE, MASTER, ACCUMULATOR = "average", "master", "gradient_accumulator"
 OWNED_RANGE = "owned_range"
-SHARDED_KINDS = (MOMENTUM, VELOCITY, VELOCITY_HAT, AVERAGE, MASTER)
-"""The state kept for the owned shard only; the accumulator holds this rank's whole sums."""
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ from .bootstrap import DistributedContext
 from .datasets import check_splits
 from .losses import HeldOutTotal, TrainingLoss, rank_loss
 from .model_sync import broadcast_buffers, check_same_weights
-from .optimizer import ShardedAdam
+from .optimizers import ShardedAdam
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionSignals
 from .process_group import distributed_job
 from .reporting import Reporter

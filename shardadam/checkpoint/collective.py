@@ -6,11 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import comm
-from ..optimizer import ShardedAdam
+from ..optimizer import ShardedOptimizer
 from .format import CheckpointError
 
 
-def communicator(optimizer: ShardedAdam | None, process_group: object | None) -> comm.Communicator:
+def communicator(
+    optimizer: ShardedOptimizer | None, process_group: object | None
+) -> comm.Communicator:
     if optimizer is not None and process_group is None:
         return optimizer.comm
     return comm.Communicator(comm.default_group(process_group), "native")

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import comm
-from ..optimizer import ShardedAdam
-from ..state import ACCUMULATOR, OWNED_RANGE, SHARDED_KINDS
+from ..optimizer import ShardedOptimizer
+from ..state import ACCUMULATOR, OWNED_RANGE
 from .collective import communicator, everywhere
 from .directory import resolve
 from .extra import decode_extra
@@ -24,7 +24,7 @@ def load(
     path: str | os.PathLike,
     *,
     model: torch.nn.Module | None = None,
-    optimizer: ShardedAdam | None = None,
+    optimizer: ShardedOptimizer | None = None,
     process_group: object | None = None,
     strict: bool = True,
 ) -> CheckpointInfo:
@@ -94,7 +94,7 @@ class _Loaded:
         cls,
         directory: Path,
         model: torch.nn.Module | None,
-        optimizer: ShardedAdam | None,
+        optimizer: ShardedOptimizer | None,
         channel: comm.Communicator,
         strict: bool,
     ) -> _Loaded:
@@ -112,7 +112,7 @@ class _Loaded:
         self,
         reader: Reader,
         model: torch.nn.Module,
-        optimizer: ShardedAdam | None,
+        optimizer: ShardedOptimizer | None,
         strict: bool,
     ) -> None:
         saved = self.body["model"]
@@ -148,7 +148,7 @@ class _Loaded:
                 self.param_pieces.append((tensor, owned, reader.read(stored, *owned)))
         self.mismatched_keys = tuple(sorted(mismatched))
 
-    def apply(self, model: torch.nn.Module | None, optimizer: ShardedAdam | None) -> None:
+    def apply(self, model: torch.nn.Module | None, optimizer: ShardedOptimizer | None) -> None:
         """Collective when sharded (the optimizer gathers the parameters)."""
         if optimizer is not None:
             optimizer.wait_for_params()
@@ -164,7 +164,7 @@ class _Loaded:
 def _read_optimizer(
     reader: Reader,
     body: dict[str, Any],
-    optimizer: ShardedAdam,
+    optimizer: ShardedOptimizer,
     model: torch.nn.Module | None,
     channel: comm.Communicator,
 ) -> dict[str, Any]:
@@ -196,13 +196,18 @@ def _read_optimizer(
     counters = saved["state"]
     prefix = counters["name"]
     params = params_of(optimizer)
+    # The sharded kinds the checkpoint holds ("optimizer/<kind>/<parameter name>"): the
+    # rule's slots, the EMA, the masters.
+    kinds = sorted(
+        {key.split("/", 2)[1] for key in body["tensors"] if key.startswith("optimizer/")}
+    )
     state: dict[int, dict[str, Any]] = {}
     for i, (name, p) in enumerate(zip(names, params)):
         owned = optimizer.owned_range(p)
         entry: dict[str, Any] = {}
         if owned is not None:
             entry[f"{prefix}/{OWNED_RANGE}"] = owned
-            for kind in SHARDED_KINDS:
+            for kind in kinds:
                 key = f"optimizer/{kind}/{name}"
                 if key in body["tensors"]:
                     _check_shape(reader, key, name, p.shape)

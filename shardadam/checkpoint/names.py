@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..optimizer import ShardedAdam
+from ..optimizer import ShardedOptimizer
 from .format import CheckpointError
 
 
-def param_names(optimizer: ShardedAdam, model: torch.nn.Module | None) -> list[str]:
+def param_names(optimizer: ShardedOptimizer, model: torch.nn.Module | None) -> list[str]:
     """The optimizer's parameters by name, in optimizer order: the model's names where a model
     is given, else the optimizer's own (``ShardedAdam.param_names``)."""
     names = optimizer.param_names()
@@ -23,7 +23,7 @@ def param_names(optimizer: ShardedAdam, model: torch.nn.Module | None) -> list[s
     return names
 
 
-def params_of(optimizer: ShardedAdam | None) -> list[Tensor]:
+def params_of(optimizer: ShardedOptimizer | None) -> list[Tensor]:
     """The optimizer's parameters in its order (the indices of its state_dict); none without."""
     return [] if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
 

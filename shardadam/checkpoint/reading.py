@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..optimizer import AVERAGE
+from ..state import AVERAGE
 from .directory import resolve
 from .extra import decode_extra
 from .format import CheckpointError, Reader, read_manifest

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import comm
-from ..optimizer import ShardedAdam
-from ..state import ACCUMULATOR, OWNED_RANGE, SHARDED_KINDS
+from ..optimizer import ShardedOptimizer
+from ..state import ACCUMULATOR, OWNED_RANGE
 from . import fs
 from .collective import communicator, everywhere
 from .directory import publish, start_partial
@@ -28,7 +28,7 @@ def save(
     path: str | os.PathLike,
     *,
     model: torch.nn.Module | None = None,
-    optimizer: ShardedAdam | None = None,
+    optimizer: ShardedOptimizer | None = None,
     step: int | None = None,
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
@@ -98,7 +98,7 @@ class _SavePlan:
     def build(
         cls,
         model: torch.nn.Module | None,
-        optimizer: ShardedAdam | None,
+        optimizer: ShardedOptimizer | None,
         step: int | None,
         extra: dict[str, Any] | None,
         keep_last: int | None,
@@ -133,7 +133,7 @@ class _SavePlan:
         self.tensors[key] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
 
     def _add_model(
-        self, model: torch.nn.Module, optimizer: ShardedAdam | None, channel: comm.Communicator
+        self, model: torch.nn.Module, optimizer: ShardedOptimizer | None, channel: comm.Communicator
     ) -> dict[str, Any]:
         """The model's tensors: the elements of optimized parameters this rank owns (its
         optimizer shard); every other tensor whole, from rank 0 (Note [tensors from rank 0])."""
@@ -161,7 +161,7 @@ class _SavePlan:
         return {"keys": list(first_key.values()), "aliases": aliases}
 
     def _add_optimizer(
-        self, optimizer: ShardedAdam, names: list[str], channel: comm.Communicator
+        self, optimizer: ShardedOptimizer, names: list[str], channel: comm.Communicator
     ) -> dict[str, Any]:
         """This rank's shard of the optimizer state, by parameter name; the local gradient
         sums when saved within an accumulation cycle."""
@@ -173,10 +173,10 @@ class _SavePlan:
         mid_cycle = bool(steps) and extra["micro_steps"] % steps != 0
         for i, entry in state_dict["state"].items():
             owned = entry.get(f"{prefix}/{OWNED_RANGE}", (0, params[i].numel()))
-            for kind in SHARDED_KINDS:
-                values = entry.get(f"{prefix}/{kind}")
-                if values is None:
-                    continue
+            for entry_key, values in entry.items():
+                kind = entry_key.removeprefix(f"{prefix}/")
+                if kind in (OWNED_RANGE, ACCUMULATOR):
+                    continue  # sharded state only: the rule's slots, the EMA, the master
                 key = f"optimizer/{kind}/{names[i]}"
                 self._describe(key, params[i].shape, values.dtype)
                 self.records.append(_Record(key, owned[0], values.detach().reshape(-1)))

@@ -34,6 +34,14 @@ HYPERPARAMETERS: dict[str, Any] = {
     "amsgrad": False,
 }
 
+GROUP_KEYS = {
+    "beta_1": ("betas", 0),
+    "beta_2": ("betas", 1),
+    "epsilon": ("eps", None),
+    "amsgrad": ("amsgrad", None),
+}
+"""Where torch's Adam keeps these in a param group (its LR schedulers may cycle betas)."""
+
 
 class AdamScalars(NamedTuple):
     alpha: Tensor
