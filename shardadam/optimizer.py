@@ -164,7 +164,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if unknown:
             raise ValueError(
                 f"Argument(s) not recognized: {unknown} ({type(self).__name__} takes Keras's "
-                f"{rule.NAME} arguments, process_group, and the sharding options "
+                f"{type(self).__name__.removeprefix('Sharded')} arguments, process_group, and the "
+                f"sharding options "
                 f"{sorted(known)})"
             )
         self.sharding = ShardingOptions(**sharding_options)
@@ -205,6 +206,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._runner = UpdateRunner(jit_compile, announce=self.comm.rank == 0)
         self._clipper = GradClipper(self.comm, self.buffers, self.options.global_clipnorm)
         self._warned_missing: set[frozenset[str]] = set()
+        self._carry = {
+            k: torch.tensor(v, dtype=torch.float32) for k, v in _rule_carry(rule).items()
+        }
+        """The rule's optimizer-wide state (Nadam's u_product), float32 as Keras keeps it."""
+        self._next_carry = self._carry
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(_pack_shardadam_state)
 
@@ -559,6 +565,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         grad_masks = self._prepare_shard_grads(present, self.options.gradient_accumulation_steps)
         grad_scale, local_sq = self._clipper.clip_(self._buffer_clipnorms())
         kernel_sq = self._update_shards(scalars, grad_masks, grad_scale)
+        self._carry = self._next_carry  # advanced once per applied update, not per buffer
         self._reducer.release_bound_grads()
         if grad_scale is None:
             self._clipper.record_grad_norm(
@@ -755,7 +762,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             lr_tensor = _scalar_tensor(lr, dtype)
             packed = torch.cat(
                 [
-                    self._rule.scalars(hp, lr_tensor, self.iterations + 1, dtype),
+                    self._rule_scalars(hp, lr_tensor, dtype),
                     engine_scalars(
                         lr_tensor,
                         group["weight_decay"],
@@ -772,6 +779,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
             source = packed.pin_memory() if buffer.device.type == "cuda" else packed
             scalars.append((packed, source.to(buffer.device, non_blocking=True)))
         return scalars
+
+    def _rule_scalars(self, hp: dict[str, Any], lr: Tensor, dtype: torch.dtype) -> Tensor:
+        """The rule's packed scalars of this step; a rule with optimizer-wide state also says
+        what that state becomes, which the step keeps once the update is applied."""
+        step = self.iterations + 1
+        if not self._carry:
+            return self._rule.scalars(hp, lr, step, dtype)
+        carry = {k: v.to(dtype) for k, v in self._carry.items()}
+        packed, new_carry = self._rule.scalars(hp, lr, step, dtype, carry)
+        self._next_carry = {k: v.to(torch.float32) for k, v in new_carry.items()}
+        return packed
 
     def _update_shards(
         self,
@@ -948,6 +966,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     continue
                 group[key] = value
         self._micro_steps = int(extra["micro_steps"])
+        if self._carry:
+            saved = extra.get("carry", _rule_carry(self._rule))
+            self._carry = {
+                k: torch.tensor(float(saved[k]), dtype=torch.float32) for k in self._carry
+            }
+            self._next_carry = self._carry
         self._reducer.reset()  # what was staged belongs to the state being replaced
         self._reducer.end_cycle()
         self._scheduled_lr = {}
@@ -970,6 +994,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"'state', 'param_groups', 'shardadam'); got keys {sorted(state_dict)}"
             )
         self._check_compatible(state_dict, extra)
+        if self._carry and set(extra.get("carry", {})) != set(self._carry):
+            raise ValueError(
+                f"the state_dict holds {sorted(extra.get('carry', {}))} as its optimizer-wide "
+                f"state but {type(self).__name__} keeps {sorted(self._carry)}: it was saved by "
+                "another optimizer"
+            )
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         index_of = self._param_indices()
         for b, buffer in enumerate(self.buffers):
@@ -1051,6 +1081,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._reducer.restore_accumulated(b, sums)
 
 
+def _rule_carry(rule: ModuleType) -> dict[str, float]:
+    return dict(getattr(rule, "CARRY", {}))
+
+
 def _refuse_set(params: Any, where: str) -> None:
     if isinstance(params, (set, frozenset)):
         raise TypeError(
@@ -1087,4 +1121,6 @@ def _pack_shardadam_state(
         "weight_decay_excluded": sorted(optimizer._decay.excluded_indices),
         "weight_decay_patterns": list(optimizer._decay.patterns),
     }
+    if optimizer._carry:
+        state_dict["shardadam"]["carry"] = {k: float(v) for k, v in optimizer._carry.items()}
     return state_dict

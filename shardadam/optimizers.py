@@ -3,7 +3,9 @@ of ``shardadam.rules`` and Keras 3's arguments for it."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -122,3 +124,74 @@ class ShardedAdam(ShardedOptimizer):
             self.options.gradient_accumulation_steps or 1
         )
         self.load_state_dict(converted)
+
+
+# The base optimizer's arguments every member takes after its own, with Keras 3's defaults.
+_BASE_ARGUMENTS: dict[str, Any] = {
+    "weight_decay": None,
+    "clipnorm": None,
+    "clipvalue": None,
+    "global_clipnorm": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+    "jit_compile": True,
+}
+
+
+def _member(rule: ModuleType, name: str | None = None, **defaults: Any) -> type:
+    """The public ``Sharded<name>`` class of ``rule``: Keras's arguments for it (its own, then
+    the base optimizer's; ``defaults`` overrides Keras's base defaults, as AdamW's weight
+    decay), ``process_group`` and the sharding options."""
+    name = name or rule.NAME
+    base_defaults = {**_BASE_ARGUMENTS, **defaults}
+
+    def __init__(
+        self: ShardedOptimizer,
+        params: Iterable[Any],
+        learning_rate: Any = rule.LEARNING_RATE,
+        **arguments: Any,
+    ) -> None:
+        hyperparameters = {k: arguments.pop(k, v) for k, v in rule.HYPERPARAMETERS.items()}
+        base = {k: arguments.pop(k, v) for k, v in base_defaults.items()}
+        if "weight_decay" in defaults and base["weight_decay"] is None:
+            raise ValueError(
+                f"Argument `weight_decay` must be a float for {name}. Received: weight_decay=None"
+            )
+        ShardedOptimizer.__init__(
+            self, params, rule, hyperparameters, learning_rate,
+            name=arguments.pop("name", name), **base, **arguments,
+        )  # fmt: skip
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter(
+                "learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=rule.LEARNING_RATE
+            ),
+            *(inspect.Parameter(k, keyword, default=v) for k, v in rule.HYPERPARAMETERS.items()),
+            *(inspect.Parameter(k, keyword, default=v) for k, v in base_defaults.items()),
+            inspect.Parameter("name", keyword, default=name),
+            inspect.Parameter("process_group", keyword, default=None),
+            inspect.Parameter("sharding_options", inspect.Parameter.VAR_KEYWORD),
+        ]
+    )
+    doc = (
+        f"Keras 3's {name} ({rule.__name__}) as a torch optimizer whose state is sharded "
+        f"across the ranks of a group; see ShardedOptimizer.\n\n{(rule.__doc__ or '').strip()}"
+    )
+    return type(
+        f"Sharded{name}",
+        (ShardedOptimizer,),
+        {"__init__": __init__, "__doc__": doc, "__module__": __name__},
+    )
+
+
+ShardedAdamW = _member(adam, name="AdamW", weight_decay=0.004)
+
+FAMILY: dict[str, type] = {"Adam": ShardedAdam, "AdamW": ShardedAdamW}
+"""Keras's class name -> the sharded optimizer that follows it."""

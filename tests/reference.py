@@ -65,14 +65,16 @@ def run_keras(
     before_step: Callable[[int, object], None] | None = None,
     exclude: dict | None = None,
     finalize: bool = False,
+    keras_name: str = "Adam",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Keras 3 Adam over keras.Variables; returns (parameters, EMA averages or None)."""
+    """Keras 3's optimizer ``keras_name`` over keras.Variables; returns (parameters, EMA
+    averages or None)."""
     import keras
 
     variables = [
         keras.Variable(x.numpy(), dtype="float32", name=n) for x, n in zip(case.init, case.names)
     ]
-    opt = keras.optimizers.Adam(**kwargs)
+    opt = getattr(keras.optimizers, keras_name)(**kwargs)
     if exclude:
         var_list = [variables[i] for i in exclude.get("var_list", [])]
         opt.exclude_from_weight_decay(var_list=var_list, var_names=exclude.get("var_names"))
@@ -107,9 +109,10 @@ def run_ours(
     exclude: dict | None = None,
     finalize: bool = False,
     params: list[torch.nn.Parameter] | None = None,
+    optimizer_class: type = ShardedAdam,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, ShardedAdam]:
     params = params if params is not None else make_params(case)
-    opt = ShardedAdam(list(zip(case.names, params)), **kwargs)
+    opt = optimizer_class(list(zip(case.names, params)), **kwargs)
     if exclude:
         var_list = [params[i] for i in exclude.get("var_list", [])]
         opt.exclude_from_weight_decay(var_list=var_list, var_names=exclude.get("var_names"))
