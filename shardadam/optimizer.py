@@ -753,6 +753,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             self._check_group(group, f" (param group {index})")
             lr = self._group_learning_rate(index, record=True)
+            if hasattr(self._rule, "check_learning_rate"):  # a rule that divides by it
+                self._rule.check_learning_rate(float(lr), f" (param group {index})")
             per_group.append((lr, evaluated(self._rule, self._rule_hyperparameters(group))))
         scalars = []
         for b, buffer in enumerate(self.buffers):

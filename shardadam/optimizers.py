@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .optimizer import ShardedOptimizer
-from .rules import adam
+from .rules import adam, adamax, ftrl, lion, nadam
 from .state import AVERAGE, MOMENTUM, VELOCITY, VELOCITY_HAT
 
 
@@ -192,6 +192,13 @@ def _member(rule: ModuleType, name: str | None = None, **defaults: Any) -> type:
 
 
 ShardedAdamW = _member(adam, name="AdamW", weight_decay=0.004)
+ShardedAdamax = _member(adamax)
+ShardedNadam = _member(nadam)
+ShardedFtrl = _member(ftrl)
+ShardedLion = _member(lion)
 
-FAMILY: dict[str, type] = {"Adam": ShardedAdam, "AdamW": ShardedAdamW}
+FAMILY: dict[str, type] = {
+    cls.__name__.removeprefix("Sharded"): cls
+    for cls in (ShardedAdam, ShardedAdamW, ShardedAdamax, ShardedNadam, ShardedFtrl, ShardedLion)
+}
 """Keras's class name -> the sharded optimizer that follows it."""

@@ -41,6 +41,10 @@ A rule module defines:
     The same math in place, for eager mode (``jit_compile=False``): ``host_scalars`` are the
     packed scalars as Python floats; in-place ops only, ``grad`` may be used as scratch.
 
+A rule whose update divides by the learning rate (Ftrl) also defines
+``check_learning_rate(value, where="")``, which the engine calls with each step's value before
+anything changes.
+
 A rule with optimizer-wide state (Nadam's ``u_product``) also defines ``CARRY = {name: initial
 float}``; its ``scalars`` then takes a fifth argument, ``carry`` (``{name: 0-d tensor of
 dtype}``), and returns ``(packed, new_carry)``. The engine keeps, checkpoints and advances the

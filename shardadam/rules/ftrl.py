@@ -43,6 +43,16 @@ class FtrlScalars(NamedTuple):
     l1: Tensor
 
 
+def check_learning_rate(value: float, where: str = "") -> None:
+    """Ftrl divides by the learning rate: at 0 every weight becomes NaN (Keras's too)."""
+    if not value > 0:
+        raise ValueError(
+            f"Invalid learning_rate{where}: {value} (Ftrl divides by the learning rate, so "
+            "expected learning_rate > 0; a schedule that reaches 0, such as a warmup from 0, "
+            "cannot drive it)"
+        )
+
+
 def check(hp: Mapping[str, Any], where: str = "") -> None:
     """Keras's refusals, in its order. Besides: numbers only (Keras compares them with 0, so a
     callable fails there too); beta >= 0 (unchecked by Keras; a negative one can make the

@@ -56,7 +56,7 @@ BASE_CASES = {
         "ema_overwrite_frequency": 7,
     },
     "accumulation": {"gradient_accumulation_steps": 3},
-    "schedule": {"learning_rate": "cosine_warmup"},
+    "schedule": {"learning_rate": "exponential_staircase"},
     "combination": {"weight_decay": 0.05, "clipnorm": 1.0, "use_ema": True, "own": True},
 }
 
@@ -78,11 +78,12 @@ def test_member_matches_keras(member, case_name):
     exclude = {"var_names": ["bias"]} if "weight_decay" in arguments else None
     keras_kwargs = dict(arguments)
     ours_kwargs = dict(arguments)
-    if arguments["learning_rate"] == "cosine_warmup":
+    if isinstance(arguments["learning_rate"], str):
         import keras
 
-        keras_kwargs["learning_rate"] = make_schedule(keras.optimizers.schedules, "cosine_warmup")
-        ours_kwargs["learning_rate"] = make_schedule(schedules, "cosine_warmup")
+        schedule = arguments["learning_rate"]
+        keras_kwargs["learning_rate"] = make_schedule(keras.optimizers.schedules, schedule)
+        ours_kwargs["learning_rate"] = make_schedule(schedules, schedule)
     # The compiled kernel for the defaults (one compilation per member); eager elsewhere.
     ours_kwargs["jit_compile"] = case_name == "defaults"
     expected, expected_ema = run_keras(case, keras_kwargs, exclude=exclude, keras_name=member)
@@ -99,3 +100,17 @@ def test_adamw_refuses_no_weight_decay():
 
     with pytest.raises(ValueError, match="weight_decay"):
         optimizers.ShardedAdamW([torch.nn.Parameter(torch.zeros(2))], weight_decay=None)
+
+
+def test_ftrl_refuses_a_learning_rate_of_zero_before_changing_anything():
+    import torch
+
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = optimizers.ShardedFtrl(
+        [param], learning_rate=schedules.CosineDecay(0.0, 10, warmup_target=0.1, warmup_steps=5)
+    )
+    param.grad = torch.full((3,), 0.5)
+    with pytest.raises(ValueError, match=r"Invalid learning_rate \(param group 0\): 0.0"):
+        opt.step()
+    assert torch.equal(param.detach(), torch.ones(3))
+    assert opt.iterations == 0
