@@ -17,6 +17,9 @@ from tests.distributed.spawn import run_ranks
 from tests.unit.test_family_keras import MEMBERS, OWN_ARGUMENTS
 
 SAVED_AT, MORE_STEPS = 3, 3
+RTOL, ATOL = 1e-5, 1e-7
+"""Float rounding: at another world size the averaged gradient is summed in another order,
+which a rule dividing by sqrt(v) (RMSprop) amplifies to relative differences near 1e-6."""
 TIMEOUT_S = 30
 
 
@@ -84,11 +87,17 @@ def test_member_resumes_at_another_world_size(root, member, resumed):
     want = results(root)["uninterrupted"][member]
     assert got["iterations"] == want["iterations"] == SAVED_AT + MORE_STEPS
     for key, value in want["model"].items():
-        torch.testing.assert_close(got["model"][key], value, rtol=1e-6, atol=1e-8, msg=key)
+        torch.testing.assert_close(
+            got["model"][key], value, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}"
+        )
     assert got["optimizer"].keys() == want["optimizer"].keys()
     for i, entry in want["optimizer"].items():
         assert got["optimizer"][i].keys() == entry.keys(), f"{member} parameter {i}"
         for key, value in entry.items():
             torch.testing.assert_close(
-                got["optimizer"][i][key], value, rtol=1e-6, atol=1e-8, msg=f"{i} {key}"
+                got["optimizer"][i][key],
+                value,
+                rtol=RTOL,
+                atol=ATOL,
+                msg=lambda m, k=f"{i} {key}": f"{k}: {m}",
             )
