@@ -4,18 +4,24 @@ from . import checkpoint, schedules
 from .optimizer import ShardedOptimizer
 from .optimizers import (
     FAMILY,
+    ShardedAdadelta,
+    ShardedAdagrad,
     ShardedAdam,
     ShardedAdamax,
     ShardedAdamW,
     ShardedFtrl,
     ShardedLion,
     ShardedNadam,
+    ShardedRMSprop,
+    ShardedSGD,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FAMILY",
+    "ShardedAdadelta",
+    "ShardedAdagrad",
     "ShardedAdam",
     "ShardedAdamW",
     "ShardedAdamax",
@@ -23,6 +29,8 @@ __all__ = [
     "ShardedLion",
     "ShardedNadam",
     "ShardedOptimizer",
+    "ShardedRMSprop",
+    "ShardedSGD",
     "checkpoint",
     "schedules",
     "__version__",

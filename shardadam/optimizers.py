@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .optimizer import ShardedOptimizer
-from .rules import adam, adamax, ftrl, lion, nadam
+from .rules import adadelta, adagrad, adam, adamax, ftrl, lion, nadam, rmsprop, sgd
 from .state import AVERAGE, MOMENTUM, VELOCITY, VELOCITY_HAT
 
 
@@ -196,9 +196,24 @@ ShardedAdamax = _member(adamax)
 ShardedNadam = _member(nadam)
 ShardedFtrl = _member(ftrl)
 ShardedLion = _member(lion)
+ShardedSGD = _member(sgd)
+ShardedRMSprop = _member(rmsprop)
+ShardedAdagrad = _member(adagrad)
+ShardedAdadelta = _member(adadelta)
 
 FAMILY: dict[str, type] = {
     cls.__name__.removeprefix("Sharded"): cls
-    for cls in (ShardedAdam, ShardedAdamW, ShardedAdamax, ShardedNadam, ShardedFtrl, ShardedLion)
+    for cls in (
+        ShardedAdam,
+        ShardedAdamW,
+        ShardedSGD,
+        ShardedRMSprop,
+        ShardedAdagrad,
+        ShardedAdadelta,
+        ShardedAdamax,
+        ShardedNadam,
+        ShardedFtrl,
+        ShardedLion,
+    )
 }
 """Keras's class name -> the sharded optimizer that follows it."""
