@@ -62,6 +62,14 @@ GRAD_SCALE_FROM_END = ENGINE_SCALARS - EngineScalars._fields.index("grad_scale")
 """Where the global-clip factor sits in a packed scalars tensor, counted from its end."""
 
 
+def host_scalar(value: float | Tensor, dtype: torch.dtype) -> Tensor:
+    """A 0-d host tensor of ``dtype``: a float straight from the Python double (as Keras casts
+    it), a tensor (a learning rate given as one) detached and copied to the host."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device="cpu", dtype=dtype).reshape(())
+    return torch.tensor(value, dtype=dtype)
+
+
 def engine_scalars(
     learning_rate: Tensor,
     weight_decay: float,
@@ -73,19 +81,13 @@ def engine_scalars(
 ) -> Tensor:
     """The packed EngineScalars; ``learning_rate`` a 0-d tensor of ``dtype`` (Note [Keras
     scalars]: Keras decays by ``weight_decay * lr`` formed in the compute dtype)."""
-
-    def scalar(value: float | Tensor) -> Tensor:
-        if isinstance(value, Tensor):
-            return value.detach().to(device="cpu", dtype=dtype).reshape(())
-        return torch.tensor(value, dtype=dtype)  # straight from the Python double
-
     return torch.stack(
         EngineScalars(
             decay=1 - torch.tensor(weight_decay, dtype=dtype) * learning_rate,
-            grad_scale=scalar(grad_scale),
-            clip_value=scalar(math.inf if clip_value is None else clip_value),
-            ema_momentum=scalar(ema_momentum),
-            ema_overwrite=scalar(1.0 if ema_overwrite else 0.0),
+            grad_scale=host_scalar(grad_scale, dtype),
+            clip_value=host_scalar(math.inf if clip_value is None else clip_value, dtype),
+            ema_momentum=host_scalar(ema_momentum, dtype),
+            ema_overwrite=host_scalar(1.0 if ema_overwrite else 0.0, dtype),
         )
     )
 

@@ -33,6 +33,7 @@ from .ema import ShardedEMA
 from .functional import (
     GRAD_SCALE_FROM_END,
     engine_scalars,
+    host_scalar,
     refresh_master_,
     shard_step_,
     shard_step_inplace_,
@@ -73,13 +74,6 @@ NO_GRADIENTS = "No gradients provided for any variable."
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _scalar_tensor(value: float | Tensor, dtype: torch.dtype) -> Tensor:
-    """A learning rate as a 0-d host tensor of the compute dtype (straight from the double)."""
-    if isinstance(value, Tensor):
-        return value.detach().to(device="cpu", dtype=dtype).reshape(())
-    return torch.tensor(value, dtype=dtype)
 
 
 def _is_step_schedule(schedule: Callable) -> bool:
@@ -761,7 +755,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             group = self.param_groups[self._buffer_groups[b]]
             lr, hp = per_group[self._buffer_groups[b]]
             dtype = _compute_dtype(buffer.dtype)
-            lr_tensor = _scalar_tensor(lr, dtype)
+            lr_tensor = host_scalar(lr, dtype)
             packed = torch.cat(
                 [
                     self._rule_scalars(hp, lr_tensor, dtype),

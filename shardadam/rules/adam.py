@@ -21,6 +21,7 @@ from torch import Tensor
 from ..config import check_beta, check_bool, check_number_range
 from ..functional import (
     engine_scalars,
+    host_scalar,
     shard_step_,
     shard_step_inplace_,
 )
@@ -140,10 +141,7 @@ def update_scalars(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Adam's scalars for step ``step`` (1-based) followed by the engine's, packed."""
-    if isinstance(learning_rate, Tensor):
-        lr = learning_rate.detach().to(device="cpu", dtype=dtype).reshape(())
-    else:
-        lr = torch.tensor(learning_rate, dtype=dtype)
+    lr = host_scalar(learning_rate, dtype)
     hp = {"beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     engine = engine_scalars(
         lr, weight_decay, grad_scale, clip_value, ema_momentum, ema_overwrite, dtype
