@@ -103,6 +103,7 @@ def shard_step_(
     decay_mask: Tensor | None,
     grad_mask: Tensor | None,
     scalars: Tensor,
+    factors: Tensor | None = None,
 ) -> Tensor:
     """One step over a flat shard, in place: clip, decay, the rule's update, EMA.
 
@@ -112,21 +113,21 @@ def shard_step_(
     (the update runs on it and ``param`` receives the rounded result). ``decay_mask`` is True
     where weight decay applies (None: everywhere); ``grad_mask`` is True where the parameter
     had a gradient this step (None: everywhere): elsewhere parameter and slots keep their
-    values, the EMA advances. Returns the sum of squares of ``grad`` as given (before
-    clipping), which the compiled kernel reduces in the same pass over the gradient.
+    values, the EMA advances. ``factors``: a per-tensor rule's values of each element's
+    tensor (Note [per-tensor statistics]), None for an elementwise rule. Returns the sum of
+    squares of ``grad`` as given (before clipping), which the compiled kernel reduces in the
+    same pass over the gradient.
 
     Written out of place so that torch.compile fuses it into one pass; see
     ``shard_step_inplace_`` for the eager formulation.
     """
     s = EngineScalars(*scalars[-ENGINE_SCALARS:].unbind(0))
     weights = param if master is None else master
-    raw = grad.to(weights.dtype)
-    g = torch.clamp(raw * s.grad_scale, -s.clip_value, s.clip_value)
-    if decay_mask is None:
-        decayed = weights * s.decay
-    else:
-        decayed = weights * torch.where(decay_mask, s.decay, torch.ones_like(s.decay))
-    new_weights, new_slots = rule.update(decayed, g, slots, scalars[:-ENGINE_SCALARS], static)
+    raw, g, decayed = _processed(s, weights, grad, decay_mask)
+    extra = () if factors is None else (factors,)
+    new_weights, new_slots = rule.update(
+        decayed, g, slots, scalars[:-ENGINE_SCALARS], static, *extra
+    )
     if grad_mask is not None:
         new_weights = torch.where(grad_mask, new_weights, weights)
         new_slots = tuple(torch.where(grad_mask, n, o) for n, o in zip(new_slots, slots))
@@ -143,6 +144,53 @@ def shard_step_(
     return (raw * raw).sum()
 
 
+def _processed(
+    s: EngineScalars, weights: Tensor, grad: Tensor, decay_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(the gradient in the compute dtype, the clipped gradient, the decayed weights)."""
+    raw = grad.to(weights.dtype)
+    g = torch.clamp(raw * s.grad_scale, -s.clip_value, s.clip_value)
+    if decay_mask is None:
+        decayed = weights * s.decay
+    else:
+        decayed = weights * torch.where(decay_mask, s.decay, torch.ones_like(s.decay))
+    return raw, g, decayed
+
+
+# Note [per-tensor statistics]
+#     Some rules scale each tensor's update by a statistic of the whole tensor (Lamb's trust
+#     ratio ||w|| / ||u||). A shard holds pieces of several tensors, and a shard boundary may
+#     cut a tensor, so such a rule declares ``TENSOR_STATS``: a step first computes its
+#     elementwise ``tensor_terms`` on the weights and gradients the update will see
+#     (``shard_tensor_terms``, which changes nothing), the engine sums them over each tensor
+#     and across ranks with one small all-reduce for all buffers (``tensor_stats``), the rule
+#     turns the sums into per-tensor ``factors``, and ``shard_step_`` hands ``rule.update``
+#     each element's factors. Elements of padding get factors of 0.
+
+
+def shard_tensor_terms(
+    rule: Any,
+    static: tuple,
+    param: Tensor,
+    grad: Tensor,
+    slots: tuple[Tensor, ...],
+    master: Tensor | None,
+    decay_mask: Tensor | None,
+    grad_mask: Tensor | None,
+    scalars: Tensor,
+) -> Tensor:
+    """A per-tensor rule's elementwise terms ``[len(rule.TENSOR_STATS), shard numel]`` for this
+    step, on the clipped gradient and the decayed weights as ``shard_step_`` forms them; zero
+    where the parameter had no gradient. Pure: nothing changes."""
+    s = EngineScalars(*scalars[-ENGINE_SCALARS:].unbind(0))
+    weights = param if master is None else master
+    _, g, decayed = _processed(s, weights, grad, decay_mask)
+    terms = rule.tensor_terms(decayed, g, slots, scalars[:-ENGINE_SCALARS], static)
+    if grad_mask is not None:
+        terms = torch.where(grad_mask, terms, torch.zeros_like(terms))
+    return terms
+
+
 def shard_step_inplace_(
     rule: Any,
     static: tuple,
@@ -154,6 +202,7 @@ def shard_step_inplace_(
     decay_mask: Tensor | None,
     grad_mask: Tensor | None,
     scalars: Tensor,
+    factors: Tensor | None = None,
     host_scalars: Tensor | None = None,
     grad_scale: Tensor | None = None,
 ) -> Tensor:
@@ -192,7 +241,8 @@ def shard_step_inplace_(
         weights.mul_(torch.where(decay_mask, s.decay, 1.0))
     elif s.decay != 1.0:
         weights.mul_(s.decay)
-    rule.update_(weights, g, slots, floats[:-ENGINE_SCALARS], static)
+    extra = () if factors is None else (factors,)
+    rule.update_(weights, g, slots, floats[:-ENGINE_SCALARS], static, *extra)
     if ema is not None:
         ema.lerp_(weights, 1.0 - s.ema_momentum)  # exact at weight 1 (the first step)
         if s.ema_overwrite:

@@ -191,7 +191,7 @@ def adam_shard_step_inplace_(
     slot_tensors, amsgrad = _slots(exp_avg, exp_avg_sq, exp_avg_sq_max)
     return shard_step_inplace_(
         _THIS_RULE, amsgrad, param, grad, slot_tensors, ema, master, decay_mask, grad_mask,
-        scalars, host_scalars, grad_scale,
+        scalars, host_scalars=host_scalars, grad_scale=grad_scale,
     )  # fmt: skip
 
 

@@ -83,11 +83,15 @@ def rule_weights(
         else:
             scalars = rule.scalars(full, lr, step, dtype)
         grad = g.reshape(-1).to(dtype).clone()
+        extra = ()
+        if hasattr(rule, "TENSOR_STATS"):  # a per-tensor rule: here, one tensor
+            sums = rule.tensor_terms(weights, grad, slots, scalars, static).sum(1, keepdim=True)
+            extra = (rule.tensor_factors(sums, scalars, static).expand(-1, grad.numel()),)
         if compiled:
-            weights, slots = update(weights, grad, slots, scalars, static)
+            weights, slots = update(weights, grad, slots, scalars, static, *extra)
             slots = tuple(slots)
         else:
-            rule.update_(weights, grad, slots, scalars.tolist(), static)
+            rule.update_(weights, grad, slots, scalars.tolist(), static, *extra)
         history.append(weights.reshape(init.shape).clone())
     return history
 
