@@ -40,16 +40,24 @@ def keras_weights(
     learning_rate: float,
     init: torch.Tensor,
     grads: list[torch.Tensor],
+    slots_out: dict[str, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """Keras's variable after each step."""
+    """Keras's variable after each step; ``slots_out`` receives its state variables at the end
+    (``{name without the variable's prefix: value}``)."""
     import keras
 
     optimizer = getattr(keras.optimizers, rule.NAME)(learning_rate=learning_rate, **hp)
-    variable = keras.Variable(init.clone(), dtype="float32")
+    variable = keras.Variable(init.clone(), dtype="float32", name="w")
     history = []
     for g in grads:
         optimizer.apply_gradients([(g.clone(), variable)])
         history.append(torch.as_tensor(keras.ops.convert_to_numpy(variable)).clone())
+    if slots_out is not None:
+        slots_out.update(
+            (v.name.removeprefix("w_"), torch.as_tensor(keras.ops.convert_to_numpy(v)).clone())
+            for v in optimizer.variables
+            if v.name.startswith("w_")
+        )
     return history
 
 
@@ -60,8 +68,10 @@ def rule_weights(
     init: torch.Tensor,
     grads: list[torch.Tensor],
     compiled: bool,
+    slots_out: dict[str, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """The rule's weights after each step: ``update`` compiled, or ``update_`` in place."""
+    """The rule's weights after each step: ``update`` compiled, or ``update_`` in place;
+    ``slots_out`` receives its slots at the end, by name."""
     full = {**rule.HYPERPARAMETERS, **hp}
     rule.check(full)
     dtype = torch.float32
@@ -93,6 +103,10 @@ def rule_weights(
         else:
             rule.update_(weights, grad, slots, scalars.tolist(), static, *extra)
         history.append(weights.reshape(init.shape).clone())
+    if slots_out is not None:
+        slots_out.update(
+            (name, t.reshape(init.shape).clone()) for name, t in zip(rule.slots(full), slots)
+        )
     return history
 
 
@@ -109,9 +123,17 @@ def assert_matches_keras(
     gen = torch.Generator().manual_seed(seed + 1000)
     init = torch.randn(tuple(shape), generator=gen)
     grads = varied_grads(shape, steps, seed)
-    expected = keras_weights(rule, hp, learning_rate, init, grads)
-    actual = rule_weights(rule, hp, learning_rate, init, grads, compiled)
+    keras_slots: dict[str, torch.Tensor] = {}
+    our_slots: dict[str, torch.Tensor] = {}
+    expected = keras_weights(rule, hp, learning_rate, init, grads, keras_slots)
+    actual = rule_weights(rule, hp, learning_rate, init, grads, compiled, our_slots)
     for step, (a, e) in enumerate(zip(actual, expected), start=1):
         torch.testing.assert_close(
             a, e, rtol=RTOL, atol=ATOL, msg=lambda m, s=step: f"step {s} ({hp}): {m}"
+        )
+    # The state too, under Keras's names: what a checkpoint holds and a resumed run reads.
+    assert sorted(our_slots) == sorted(keras_slots), (sorted(our_slots), sorted(keras_slots))
+    for name, value in our_slots.items():
+        torch.testing.assert_close(
+            value, keras_slots[name], rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}"
         )
