@@ -7,7 +7,10 @@ a transposed tensor).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 from shardadam import optimizers, schedules
 from tests.reference import (
@@ -114,3 +117,29 @@ def test_ftrl_refuses_a_learning_rate_of_zero_before_changing_anything():
         opt.step()
     assert torch.equal(param.detach(), torch.ones(3))
     assert opt.iterations == 0
+
+
+@pytest.mark.parametrize("member", sorted(optimizers.FAMILY))
+def test_member_with_bf16_parameters_follows_its_fp32_master_run(member):
+    """Fine-tuning a bf16 model: each member updates fp32 master copies that follow the fp32
+    run of the same gradients (bf16-representable, so both runs see the same numbers), and the
+    bf16 parameters are those masters rounded."""
+    cls = optimizers.FAMILY[member]
+    arguments = {"learning_rate": LR, "weight_decay": 0.05, **OWN_ARGUMENTS.get(member, {})}
+    case = make_case(SHAPES, steps=20, seed=7, transposed={4})
+    case.init = [x.to(torch.bfloat16).float() for x in case.init]
+    case.grads = [[None if g is None else g.to(torch.bfloat16).float() for g in row]
+                  for row in case.grads]  # fmt: skip
+    fp32, _, _ = run_ours(case, {**arguments, "jit_compile": False}, optimizer_class=cls)
+    bf16_params = [torch.nn.Parameter(x.to(torch.bfloat16)) for x in case.init]
+    bf16_case = copy.copy(case)
+    bf16_case.grads = [[None if g is None else g.to(torch.bfloat16) for g in row]
+                       for row in case.grads]  # fmt: skip
+    ours, _, opt = run_ours(
+        bf16_case, {**arguments, "jit_compile": False}, params=bf16_params, optimizer_class=cls
+    )
+    masters = [opt.state[p][f"{member}/master"] for p in bf16_params]
+    assert_all_close(masters, fp32, case.names)
+    for name, p, master in zip(case.names, ours, masters):
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, master.to(torch.bfloat16)), name
