@@ -19,6 +19,16 @@ AVERAGE, MASTER, ACCUMULATOR = "average", "master", "gradient_accumulator"
 OWNED_RANGE = "owned_range"
 
 
+def rule_carry(rule: Any) -> dict[str, float]:
+    """A rule's optimizer-wide state (``CARRY``) at the start; {} for a rule without any."""
+    return dict(getattr(rule, "CARRY", {}))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a buffer of ``dtype`` keeps its state and runs its update in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclasses.dataclass
 class ShardState:
     """The optimizer state of one buffer's owned shard, in the compute dtype."""

@@ -1,0 +1,197 @@
+"""The update phase of a step: the shard gradients made ready, this step's packed scalars for
+each buffer, then each owned shard updated by the rule with Keras's clipping, weight decay,
+masks, EMA and masters around it (one kernel call per buffer, see ``functional``).
+
+The rule's optimizer-wide state (``CARRY``: Nadam's ``u_product``) lives here too: the
+scalars say what it becomes, and it advances once per applied update, never on a skipped one.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import OptimizerOptions
+from .decay import DecayExclusions
+from .functional import (
+    GRAD_SCALE_FROM_END,
+    engine_scalars,
+    host_scalar,
+    shard_step_,
+    shard_step_inplace_,
+)
+from .kernels import UpdateRunner
+from .rule_groups import hyperparameters_of
+from .sharded_params import ShardedParams
+from .state import compute_dtype, rule_carry
+
+Scalars = list[tuple[Tensor, Tensor]]
+"""Per buffer, the packed scalars of a step in host memory and on the buffer's device."""
+
+
+class ShardUpdater:
+    """Updates the owned shards of ``sharded``'s buffers with ``rule``.
+
+    ``param_groups`` is the optimizer's list, read at every step (each buffer's group gives
+    its weight decay, clipvalue and the rule's hyperparameters); ``decay`` gives the masks of
+    the parameters weight decay skips; ``runner`` runs the update compiled or eagerly.
+    """
+
+    def __init__(
+        self,
+        rule: ModuleType,
+        sharded: ShardedParams,
+        param_groups: list[dict[str, Any]],
+        decay: DecayExclusions,
+        runner: UpdateRunner,
+        options: OptimizerOptions,
+    ) -> None:
+        self.rule = rule
+        self.sharded = sharded
+        self.param_groups = param_groups
+        self.decay = decay
+        self.runner = runner
+        self.options = options
+        self.carry = {k: torch.tensor(v, dtype=torch.float32) for k, v in rule_carry(rule).items()}
+        """The rule's optimizer-wide state (Nadam's u_product), float32 as Keras keeps it."""
+        self.next_carry = self.carry
+        """What ``carry`` becomes once this step's update is applied (``advance_carry``)."""
+
+    def prepare_grads(self, present: list[list[int]]) -> list[Tensor | None]:
+        """Unscale and average the accumulated shard gradients; the masks of present ones
+        (``present``: per buffer, the indices of the parameters with a gradient).
+
+        Keras: g = (g + sum of earlier micro-step gradients) / steps / loss_scale_factor. A
+        parameter without a gradient at this step is skipped, its accumulated sum dropped (as
+        Keras does), so that it adds nothing to the norms that clipping uses either.
+        """
+        steps = self.options.gradient_accumulation_steps
+        divisor = (self.options.loss_scale_factor or 1.0) * (steps or 1)
+        masks = []
+        for buffer, have in zip(self.sharded.buffers, present):
+            mask = None if len(have) == len(buffer.params) else buffer.shard_mask(have)
+            if divisor != 1.0:
+                buffer.shard_grad.div_(divisor)
+            if steps and mask is not None:
+                buffer.shard_grad.mul_(mask)
+            masks.append(mask)
+        return masks
+
+    def scalars(
+        self,
+        per_group: list[tuple[float | Tensor, dict[str, Any]]],
+        step: int,
+        ema_momentum: float,
+        ema_overwrite: bool,
+    ) -> Scalars:
+        """Per buffer, the packed scalars of this step (the rule's, then the engine's): in host
+        memory (the eager kernel's floats) and on the buffer's device (Note [no host sync in
+        the step] in ``functional``).
+
+        ``per_group``: each param group's (learning rate, the rule's hyperparameters by Keras
+        name, evaluated); ``step``: the 1-based count of applied updates (Keras's
+        ``iterations + 1``); ``ema_momentum``, ``ema_overwrite``: the EMA's of this step.
+        """
+        scalars = []
+        for b, buffer in enumerate(self.sharded.buffers):
+            group_index = self.sharded.buffer_groups[b]
+            group = self.param_groups[group_index]
+            lr, hp = per_group[group_index]
+            dtype = compute_dtype(buffer.dtype)
+            lr_tensor = host_scalar(lr, dtype)
+            packed = torch.cat(
+                [
+                    self._rule_scalars(hp, lr_tensor, step, dtype),
+                    engine_scalars(
+                        lr_tensor,
+                        group["weight_decay"],
+                        clip_value=group["clipvalue"],
+                        ema_momentum=ema_momentum,
+                        ema_overwrite=ema_overwrite,
+                        dtype=dtype,
+                    ),
+                ]
+            )
+            # From pageable memory the host waits for the CUDA stream to copy; pinned, the copy
+            # is queued. A new pinned tensor each step: the caching host allocator keeps each
+            # until its copy has run.
+            source = packed.pin_memory() if buffer.device.type == "cuda" else packed
+            scalars.append((packed, source.to(buffer.device, non_blocking=True)))
+        return scalars
+
+    def _rule_scalars(
+        self, hp: dict[str, Any], lr: Tensor, step: int, dtype: torch.dtype
+    ) -> Tensor:
+        """The rule's packed scalars of this step; a rule with optimizer-wide state also says
+        what that state becomes, which the step keeps once the update is applied."""
+        if not self.carry:
+            return self.rule.scalars(hp, lr, step, dtype)
+        carry = {k: v.to(dtype) for k, v in self.carry.items()}
+        packed, new_carry = self.rule.scalars(hp, lr, step, dtype, carry)
+        self.next_carry = {k: v.to(torch.float32) for k, v in new_carry.items()}
+        return packed
+
+    def update_shards(
+        self,
+        scalars: Scalars,
+        grad_masks: list[Tensor | None],
+        grad_scale: Tensor | None,
+    ) -> list[Tensor]:
+        """Update every owned shard; per buffer, the local squared norm of its gradient.
+
+        ``scalars``: from ``scalars()``; ``grad_masks``: from ``prepare_grads()``;
+        ``grad_scale``: the global-clip factor, on the device (None without global clipping).
+        """
+        grad_sq = []
+        for b, (buffer, state) in enumerate(zip(self.sharded.buffers, self.sharded.shard_states)):
+            group = self.param_groups[self.sharded.buffer_groups[b]]
+            host_scalars, device_scalars = scalars[b]
+            device_grad_scale = None
+            if grad_scale is not None:
+                device_scalars[-GRAD_SCALE_FROM_END] = grad_scale.to(device_scalars.dtype)
+                device_grad_scale = device_scalars[-GRAD_SCALE_FROM_END]
+            # Note [no host sync in the step] (in ``functional``): the eager kernel takes its
+            # floats from the host copy and the clip factor as a tensor.
+            eager = functools.partial(
+                shard_step_inplace_, host_scalars=host_scalars, grad_scale=device_grad_scale
+            )
+            hp = hyperparameters_of(self.rule, group)
+            slots = self.sharded.slots(b, self.rule.slots(hp))
+            decay_mask = self.decay.mask(b) if group["weight_decay"] != 0 else None
+            grad_sq.append(
+                self.runner(
+                    shard_step_,
+                    eager,
+                    self.rule,
+                    self.rule.static(hp),
+                    buffer.shard_param,
+                    buffer.shard_grad,
+                    slots,
+                    state.ema,
+                    state.master,
+                    decay_mask,
+                    grad_masks[b],
+                    device_scalars,
+                )
+            )
+        return grad_sq
+
+    def advance_carry(self) -> None:
+        """The update was applied: the rule's optimizer-wide state takes its next value."""
+        self.carry = self.next_carry
+
+    def carry_values(self) -> dict[str, float]:
+        """The rule's optimizer-wide state as floats, for the state dict."""
+        return {k: float(v) for k, v in self.carry.items()}
+
+    def load_carry(self, saved: dict[str, float] | None) -> None:
+        """Take the saved optimizer-wide state (None: the rule's initial one)."""
+        if not self.carry:
+            return
+        saved = rule_carry(self.rule) if saved is None else saved
+        self.carry = {k: torch.tensor(float(saved[k]), dtype=torch.float32) for k in self.carry}
+        self.next_carry = self.carry
