@@ -72,8 +72,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     State dict: torch's format: ``state`` maps each parameter's index to
     ``{"<name>/<slot>", ...}`` tensors (the rule's slots, e.g. ``momentum``) shaped like the
     parameter (a 1-D piece plus ``"<name>/owned_range"`` where a rank owns part of it);
-    ``param_groups`` hold torch's keys; ``shardadam`` holds the step counter, options and
-    weight-decay exclusions (see ``state_dict_io``).
+    ``param_groups`` hold torch's keys; ``shardadam`` holds the rule's name, the step counter,
+    options and weight-decay exclusions (see ``state_dict_io``).
     """
 
     _step_supports_amp_scaling = True
@@ -513,5 +513,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Raise what ``load_state_dict`` would refuse, changing nothing (not a collective:
-        it checks only what this rank would load)."""
+        it checks only what this rank would load); a state_dict saved by an optimizer of
+        another rule is refused."""
         self._state_io.check(state_dict, self.param_groups)

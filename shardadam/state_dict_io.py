@@ -2,7 +2,8 @@
 entry, accumulated gradient sums), what ``load_state_dict`` checks before anything changes,
 and how it restores the param groups and the shards' state.
 
-The ``shardadam`` entry: ``name`` (the prefix of the state's keys), ``micro_steps``,
+The ``shardadam`` entry: ``name`` (the prefix of the state's keys), ``rule`` (the rule's
+``NAME``; a state dict without it was saved by a version that had only Adam), ``micro_steps``,
 ``iterations``, ``world_size``, ``options``, ``weight_decay_excluded`` (indices in optimizer
 order), ``weight_decay_patterns``, and ``carry`` for a rule with optimizer-wide state.
 """
@@ -32,6 +33,9 @@ from .state import (
     saved_accumulators,
     saved_shard_pieces,
 )
+
+RULE_BEFORE_RULES = "Adam"
+"""The rule of a state dict saved without ``rule``: earlier versions had only Adam."""
 
 
 class StateDictIO:
@@ -80,6 +84,7 @@ class StateDictIO:
                     state_dict["state"][i] = {**state_dict["state"].get(i, {}), key: sums}
         state_dict["shardadam"] = {
             "name": self.options.name,
+            "rule": self.rule.NAME,
             "micro_steps": micro_steps,
             "iterations": iterations,
             "world_size": self.sharded.comm.world_size,
@@ -113,6 +118,7 @@ class StateDictIO:
                 f"load_state_dict() expects the state_dict() of a {self.owner} (keys "
                 f"'state', 'param_groups', 'shardadam'); got keys {sorted(state_dict)}"
             )
+        self._check_rule(extra)
         self._check_compatible(state_dict, extra, param_groups)
         carry = rule_carry(self.rule)
         if carry and set(extra.get("carry", {})) != set(carry):
@@ -142,6 +148,16 @@ class StateDictIO:
                 merged["clipvalue"],
                 self.options.global_clipnorm,
                 f" (param group {i} of the state_dict)",
+            )
+
+    def _check_rule(self, extra: dict[str, Any]) -> None:
+        """A state saved by an optimizer of another rule holds other slots (or the same names
+        with another meaning): refuse it, naming the member of the family that loads it."""
+        saved = extra.get("rule", RULE_BEFORE_RULES)
+        if saved != self.rule.NAME:
+            raise ValueError(
+                f"the state_dict was saved by a Sharded{saved} (rule {saved!r}) but this is a "
+                f"{self.owner} (rule {self.rule.NAME!r}); load it into a Sharded{saved}"
             )
 
     def _check_compatible(
