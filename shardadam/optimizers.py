@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .optimizer import ShardedOptimizer
-from .rules import adadelta, adagrad, adam, adamax, ftrl, lion, nadam, rmsprop, sgd
+from .rules import adadelta, adagrad, adam, adamax, ftrl, lamb, lion, nadam, rmsprop, sgd
 from .state import AVERAGE, MOMENTUM, VELOCITY, VELOCITY_HAT
 
 
@@ -196,6 +196,7 @@ ShardedAdamax = _member(adamax)
 ShardedNadam = _member(nadam)
 ShardedFtrl = _member(ftrl)
 ShardedLion = _member(lion)
+ShardedLamb = _member(lamb)
 ShardedSGD = _member(sgd)
 ShardedRMSprop = _member(rmsprop)
 ShardedAdagrad = _member(adagrad)
@@ -214,6 +215,7 @@ FAMILY: dict[str, type] = {
         ShardedNadam,
         ShardedFtrl,
         ShardedLion,
+        ShardedLamb,
     )
 }
 """Keras's class name -> the sharded optimizer that follows it."""

@@ -18,16 +18,19 @@ from torch import Tensor
 from .config import OptimizerOptions
 from .decay import DecayExclusions
 from .functional import (
+    ENGINE_SCALARS,
     GRAD_SCALE_FROM_END,
     engine_scalars,
     host_scalar,
     shard_step_,
     shard_step_inplace_,
+    shard_tensor_terms,
 )
 from .kernels import UpdateRunner
 from .rule_groups import hyperparameters_of
 from .sharded_params import ShardedParams
 from .state import compute_dtype, rule_carry
+from .tensor_stats import TensorStatistics
 
 Scalars = list[tuple[Tensor, Tensor]]
 """Per buffer, the packed scalars of a step in host memory and on the buffer's device."""
@@ -56,6 +59,12 @@ class ShardUpdater:
         self.decay = decay
         self.runner = runner
         self.options = options
+        self.tensor_stats = (
+            TensorStatistics(sharded.comm, sharded.buffers)
+            if hasattr(rule, "TENSOR_STATS")
+            else None
+        )
+        """Sums over each tensor across ranks, for a per-tensor rule (Lamb)."""
         self.carry = {k: torch.tensor(v, dtype=torch.float32) for k, v in rule_carry(rule).items()}
         """The rule's optimizer-wide state (Nadam's u_product), float32 as Keras keeps it."""
         self.next_carry = self.carry
@@ -141,12 +150,46 @@ class ShardUpdater:
         grad_masks: list[Tensor | None],
         grad_scale: Tensor | None,
     ) -> list[Tensor]:
-        """Update every owned shard; per buffer, the local squared norm of its gradient.
+        """Collective for a per-tensor rule: update every owned shard; per buffer, the local
+        squared norm of its gradient.
 
         ``scalars``: from ``scalars()``; ``grad_masks``: from ``prepare_grads()``;
         ``grad_scale``: the global-clip factor, on the device (None without global clipping).
         """
-        grad_sq = []
+        calls = self._kernel_calls(scalars, grad_masks, grad_scale)
+        if self.tensor_stats is None:
+            return [self.runner(shard_step_, eager, *args) for eager, args in calls]
+        factors = self._tensor_factors(calls)
+        return [
+            self.runner(shard_step_, eager, *args, f) for (eager, args), f in zip(calls, factors)
+        ]
+
+    def _tensor_factors(self, calls: list[tuple[Any, tuple]]) -> list[Tensor]:
+        """Note [per-tensor statistics] (in ``functional``): per buffer, each element's factors
+        from the rule's terms summed over its tensor on every rank (one all-reduce)."""
+        terms = []
+        for _, args in calls:
+            rule, static, param, grad, slots, _ema, master, decay_mask, grad_mask, device = args
+            inputs = (rule, static, param, grad, slots, master, decay_mask, grad_mask, device)
+            terms.append(self.runner(shard_tensor_terms, shard_tensor_terms, *inputs))
+        sums = self.tensor_stats.sum_per_tensor(terms)
+        factors = []
+        for buffer, per_tensor, (_, args) in zip(self.sharded.buffers, sums, calls):
+            static, device_scalars = args[1], args[-1]
+            per_tensor = self.rule.tensor_factors(
+                per_tensor, device_scalars[:-ENGINE_SCALARS], static
+            )
+            factors.append(self.tensor_stats.per_element(buffer, per_tensor))
+        return factors
+
+    def _kernel_calls(
+        self,
+        scalars: Scalars,
+        grad_masks: list[Tensor | None],
+        grad_scale: Tensor | None,
+    ) -> list[tuple[Any, tuple]]:
+        """Per buffer, the eager kernel and the arguments of ``shard_step_``."""
+        calls = []
         for b, (buffer, state) in enumerate(zip(self.sharded.buffers, self.sharded.shard_states)):
             group = self.param_groups[self.sharded.buffer_groups[b]]
             host_scalars, device_scalars = scalars[b]
@@ -162,23 +205,20 @@ class ShardUpdater:
             hp = hyperparameters_of(self.rule, group)
             slots = self.sharded.slots(b, self.rule.slots(hp))
             decay_mask = self.decay.mask(b) if group["weight_decay"] != 0 else None
-            grad_sq.append(
-                self.runner(
-                    shard_step_,
-                    eager,
-                    self.rule,
-                    self.rule.static(hp),
-                    buffer.shard_param,
-                    buffer.shard_grad,
-                    slots,
-                    state.ema,
-                    state.master,
-                    decay_mask,
-                    grad_masks[b],
-                    device_scalars,
-                )
+            args = (
+                self.rule,
+                self.rule.static(hp),
+                buffer.shard_param,
+                buffer.shard_grad,
+                slots,
+                state.ema,
+                state.master,
+                decay_mask,
+                grad_masks[b],
+                device_scalars,
             )
-        return grad_sq
+            calls.append((eager, args))
+        return calls
 
     def advance_carry(self) -> None:
         """The update was applied: the rule's optimizer-wide state takes its next value."""

@@ -44,6 +44,7 @@ OWN_ARGUMENTS = {
         "beta": 0.1,
     },
     "Lion": {"beta_1": 0.8, "beta_2": 0.95},
+    "Lamb": {"beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-5},
 }
 
 BASE_CASES = {
