@@ -45,6 +45,21 @@ A rule whose update divides by the learning rate (Ftrl) also defines
 ``check_learning_rate(value, where="")``, which the engine calls with each step's value before
 anything changes.
 
+A per-tensor rule, whose update needs statistics of each whole tensor (Lamb's trust ratio from
+``||w||`` and ``||u||``), also defines (Note [per-tensor statistics] in ``functional``):
+
+``TENSOR_STATS``
+    The names of the per-tensor sums it needs, e.g. ``("weight_sq", "update_sq")``.
+``tensor_terms(weights, grad, slots, scalars, static)``
+    Pure: the elementwise terms ``[len(TENSOR_STATS), n]`` whose sums over each tensor it needs,
+    from the same inputs as ``update``. The engine sums them over each tensor on every rank
+    (a shard boundary may cut a tensor) with one small all-reduce per step.
+``tensor_factors(sums, scalars, static)``
+    Pure, on small tensors: from the sums ``[len(TENSOR_STATS), tensors]``, the values
+    ``[j, tensors]`` its update reads per tensor (Lamb: the trust ratio, ``j = 1``).
+``update`` and ``update_`` then take a sixth argument, ``factors`` (``[j, n]``: each element's
+values of its own tensor; 0 on padding).
+
 A rule with optimizer-wide state (Nadam's ``u_product``) also defines ``CARRY = {name: initial
 float}``; its ``scalars`` then takes a fifth argument, ``carry`` (``{name: 0-d tensor of
 dtype}``), and returns ``(packed, new_carry)``. The engine keeps, checkpoints and advances the
