@@ -22,7 +22,9 @@ def memory_report(
 ) -> dict[str, int]:
     """Bytes this rank holds, by kind, and the most it held at once (``peak``).
 
-    ``optimizer_state`` sums the sharded state (moments, AMSGrad maxima, EMA, fp32 master);
+    ``slots`` sums the update rule's state (whatever slots the rule keeps), of which
+    ``moments`` are Adam's momentum and velocity and ``amsgrad_max`` its AMSGrad maxima;
+    ``optimizer_state`` sums the sharded state (the rule's slots, EMA, fp32 master);
     ``grad_shards`` the reduced gradient shards with storage of their own (stage 2);
     ``full_grad_buffers`` the full flat gradient buffers (kept in one process and at stage
     1; at stage 2 those of the few buckets being gathered or reduced, lent from a pool
@@ -36,6 +38,7 @@ def memory_report(
     report = {
         "moments": _nbytes(s.slots.get(k) for s in shard_states for k in (MOMENTUM, VELOCITY)),
         "amsgrad_max": _nbytes(s.slots.get(VELOCITY_HAT) for s in shard_states),
+        "slots": _nbytes(t for s in shard_states for t in s.slots.values()),
         "ema": _nbytes(s.ema for s in shard_states),
         "master_weights": _nbytes(s.master for s in shard_states),
         "grad_shards": _nbytes(b.shard_grad for b in buffers if not b.keep_full_grad),
@@ -44,9 +47,7 @@ def memory_report(
         "comm_buffers": comm.buffer_nbytes(),
         "param_buffers": _nbytes(b.flat_param for b in buffers),
     }
-    report["optimizer_state"] = sum(
-        report[k] for k in ("moments", "amsgrad_max", "ema", "master_weights")
-    )
+    report["optimizer_state"] = sum(report[k] for k in ("slots", "ema", "master_weights"))
     # Held throughout (allocated at construction, or lazily and then kept), plus the
     # most that the pools and late buffers lent at once.
     held = report["optimizer_state"] + report["grad_shards"] + kept_grads

@@ -439,7 +439,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds, by kind, and the most it held at once (``peak``):
-        ``optimizer_state`` (moments, AMSGrad maxima, EMA, fp32 master), the gradient, receive
+        ``optimizer_state`` (the rule's ``slots``, EMA, fp32 master), the gradient, receive
         and parameter buffers; see ``shardadam.memory.memory_report`` for each key."""
         return memory_report(
             self.buffers, self.shard_states, self._reducer, self.comm, self._memory_meter

@@ -1,14 +1,23 @@
-"""What the facade's parts add: the rule's name in the state dict, checked on every load."""
+"""What the facade's parts add: the rule's name in the state dict, checked on every load, and a
+memory report that counts every rule's slots."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from shardadam import checkpoint
-from shardadam.optimizers import FAMILY, ShardedAdam, ShardedAdamW, ShardedSGD
+from shardadam.optimizers import (
+    FAMILY,
+    ShardedAdagrad,
+    ShardedAdam,
+    ShardedAdamW,
+    ShardedFtrl,
+    ShardedSGD,
+)
 
 REFUSED = (
     "the state_dict was saved by a ShardedSGD (rule 'SGD') but this is a ShardedAdam "
@@ -101,3 +110,50 @@ def test_a_checkpoint_of_another_rule_is_refused_before_anything_changes(tmp_pat
     with pytest.raises(ValueError, match=re.escape(REFUSED)):
         checkpoint.load(tmp_path, model=model, optimizer=opt)
     assert_unchanged(model, opt, before, iterations=1)
+
+
+# ------------------------------------------------------------------ the memory report
+
+
+def unpadded_params() -> list[torch.nn.Parameter]:
+    """fp32 and bf16 parameters whose sizes are multiples of align_numel: no padding."""
+    torch.manual_seed(0)
+    return [
+        torch.nn.Parameter(torch.randn(4, 8)),
+        torch.nn.Parameter(torch.randn(16)),
+        torch.nn.Parameter(torch.randn(16, dtype=torch.bfloat16)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "cls, slots", [(ShardedAdagrad, ["accumulator"]), (ShardedFtrl, ["accumulator", "linear"])]
+)
+def test_the_memory_report_counts_every_slot_of_the_rule(cls, slots):
+    params = unpadded_params()
+    opt = cls(params, use_ema=True, jit_compile=False)
+    assert all(b.layout.padding() == () for b in opt.buffers)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    # The state in float32, the compute dtype, for every parameter; a master for bf16 ones.
+    per_slot = sum(np.zeros(tuple(p.shape), np.float32).nbytes for p in params)
+    master = sum(
+        np.zeros(tuple(p.shape), np.float32).nbytes for p in params if p.dtype == torch.bfloat16
+    )
+    report = opt.memory_report()
+    assert sorted(opt.shard_states[0].slots) == sorted(slots)
+    assert report["slots"] == len(slots) * per_slot
+    assert report["optimizer_state"] == len(slots) * per_slot + per_slot + master
+    assert report["moments"] == report["amsgrad_max"] == 0  # Adam's own slots: none here
+
+
+def test_the_memory_report_keeps_adams_keys():
+    params = unpadded_params()
+    opt = ShardedAdam(params, amsgrad=True, use_ema=True, jit_compile=False)
+    per_slot = sum(np.zeros(tuple(p.shape), np.float32).nbytes for p in params)
+    report = opt.memory_report()
+    assert report["moments"] == 2 * per_slot
+    assert report["amsgrad_max"] == per_slot
+    assert report["slots"] == report["moments"] + report["amsgrad_max"]
+    parts = ("moments", "amsgrad_max", "ema", "master_weights")
+    assert report["optimizer_state"] == sum(report[k] for k in parts)
