@@ -1,6 +1,11 @@
 """The training app's schema: the dataclasses Hydra composes ``shardadam/configs/`` over (in
 ``train.py``), with every default the app uses (the YAML files set only what a recipe changes).
 
+The optimizer's schema is the one of the member of the family its ``class_name`` names:
+``optimizer_config(class_name)``, made from that member's constructor, so that a member added
+to ``shardadam.FAMILY`` has one without code here; ``configs/optimizer/<name>.yaml``, whose
+defaults list brings it in, makes the member ``optimizer=<name>``.
+
 Hydra checks keys and types against these dataclasses when it composes a config, except for keys
 added with ``+``, which :func:`check_known_keys` refuses; converting to them runs the checks
 below (the optimizer's own, naming each value as the user wrote it), before anything starts.
@@ -10,43 +15,54 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib
+import importlib.util
+import inspect
+import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import Any, ClassVar
 
+from . import rules
 from .config import (
     BACKENDS,
     OptimizerOptions,
     ShardingOptions,
+    check_base_group,
     check_bool,
     check_clip_exclusive,
-    check_group,
+    check_learning_rate,
     check_number_range,
     check_optimizer_options,
     check_positive_int,
     check_sharding_options,
 )
+from .optimizers import FAMILY
 
 RESUME_AUTO = "auto"
+DEFAULT_MEMBER = "Adam"
+"""The member an optimizer config that names none is for (``TrainConfig()``'s, as before there
+were others); the app's default config picks ``optimizer: adam`` explicitly."""
 
 
 @dataclass
-class OptimizerConfig:
-    """ShardedAdam's arguments under Keras's names (see the README's table), with the same
-    defaults: the schema mirrors the constructor (tests/unit/test_app_config.py keeps them
-    equal), since Hydra needs fields it can check where the constructor has parameters."""
+class MemberConfig:
+    """The optimizer's keys that every member of the family has (Keras's names, see the README's
+    table), with Keras's base-optimizer defaults. A member's schema is the subclass
+    ``optimizer_config(class_name)``: these keys with that member's defaults, then its own
+    arguments (its rule's); every default is its constructor's (tests/unit/test_app_config.py
+    keeps them equal), since Hydra needs fields it can check where the constructor has
+    parameters."""
+
+    MEMBER: ClassVar[str | None] = None
+    OWN_ARGUMENTS: ClassVar[tuple[str, ...]] = ()
 
     learning_rate: float = 1e-3
     """The learning rate, or the peak that a schedule's config refers to."""
     schedule: Any = None
     """A learning-rate schedule to instantiate (``_target_`` and its arguments), or null."""
-    beta_1: float = 0.9
-    """Decay of the first-moment (mean) estimate."""
-    beta_2: float = 0.999
-    """Decay of the second-moment estimate."""
-    epsilon: float = 1e-7
-    """Keras's epsilon hat, added to sqrt(v)."""
-    amsgrad: bool = False
-    """Use the running maximum of the second moment."""
     weight_decay: float | None = None
     """Decoupled weight decay, applied before the update."""
     exclude_from_weight_decay: list[str] = field(default_factory=list)
@@ -70,20 +86,26 @@ class OptimizerConfig:
     jit_compile: bool = OptimizerOptions.jit_compile
     """Compile the per-shard update with torch.compile."""
     name: str = OptimizerOptions.name
-    """Prefix of the optimizer's state names."""
+    """Prefix of the optimizer's state names (the member's Keras name by default)."""
+    class_name: str = DEFAULT_MEMBER
+    """Which member of the family: a key of ``shardadam.FAMILY`` (Adam, SGD, RMSprop, ...).
+    ``optimizer=<name in lower case>`` sets it with that member's schema."""
 
     def __post_init__(self) -> None:
+        if self.MEMBER is None:
+            raise TypeError(
+                "MemberConfig holds the keys every member has; build a member's config with "
+                "optimizer_config(class_name)(...)"
+            )
+        self.check_class_name(self.class_name)
         # The constructor's own checks, at start-up, naming the keys as the user wrote them.
+        check_learning_rate(self.learning_rate, "optimizer.learning_rate")
         group = {
-            "lr": self.learning_rate,
-            "betas": (self.beta_1, self.beta_2),
-            "eps": self.epsilon,
             "weight_decay": 0.0 if self.weight_decay is None else self.weight_decay,
-            "amsgrad": self.amsgrad,
             "clipnorm": self.clipnorm,
             "clipvalue": self.clipvalue,
         }
-        check_group(group, "", prefix="optimizer.")
+        check_base_group(group, "", prefix="optimizer.")
         check_optimizer_options(self, prefix="optimizer.")
         check_clip_exclusive(self.clipnorm, self.clipvalue, self.global_clipnorm, "")
         for pattern in self.exclude_from_weight_decay:
@@ -92,11 +114,164 @@ class OptimizerConfig:
                     f"Invalid optimizer.exclude_from_weight_decay: {pattern!r} (expected "
                     "regular expressions as strings)"
                 )
+        self._check_own_arguments()
+
+    @classmethod
+    def check_class_name(cls, class_name: Any) -> None:
+        """A member's config is for that member: another one is picked by its own config."""
+        if class_name != cls.MEMBER:
+            option = class_name.lower() if class_name in FAMILY else "<name>"
+            raise ValueError(
+                f"Invalid optimizer.class_name: {class_name!r} in the config of {cls.MEMBER} "
+                f"(expected {cls.MEMBER!r}; pick another member with optimizer={option}, one "
+                f"of {', '.join(n.lower() for n in FAMILY)})"
+            )
+
+    def _check_own_arguments(self) -> None:
+        """The member's rule's checks (and, without a schedule, its learning-rate check)."""
+        rule = member_rule(self.MEMBER)
+        if rule is None:
+            return  # its constructor checks them when the app builds it
+        try:
+            rule.check({name: getattr(self, name) for name in self.OWN_ARGUMENTS})
+            if self.schedule is None and hasattr(rule, "check_learning_rate"):
+                rule.check_learning_rate(self.learning_rate)
+        except (TypeError, ValueError) as error:
+            names = (*self.OWN_ARGUMENTS, "learning_rate")
+            raise type(error)(in_config(str(error), names)) from None
 
     def keras_arguments(self) -> dict[str, Any]:
-        """The arguments ShardedAdam takes as they are (the schedule is instantiated apart)."""
-        skipped = ("schedule", "exclude_from_weight_decay")
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skipped}
+        """The arguments the member's class takes as they are (the schedule is instantiated
+        apart)."""
+        skipped = ("schedule", "exclude_from_weight_decay", "class_name")
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skipped
+        }
+
+
+def in_config(message: str, names: tuple[str, ...], prefix: str = "optimizer.") -> str:
+    """A rule's message with each argument named as the app's config has it (``momentum`` ->
+    ``optimizer.momentum``): rules name their arguments as Keras does."""
+    pattern = rf"(?<![\w.])({'|'.join(map(re.escape, names))})(?!\w)"
+    return re.sub(pattern, rf"{prefix}\1", message)
+
+
+def member_rule(class_name: str) -> ModuleType | None:
+    """The update rule (a module of ``shardadam.rules``) that ``FAMILY[class_name]`` runs, for
+    the config's checks (Note [a member's rule])."""
+    return _member_rules().get(class_name)
+
+
+# Note [a member's rule]
+#     The public classes do not say which rule they run, so the app finds it: the rule module
+#     named after the member (rules/sgd.py for SGD), else the one whose arguments, with their
+#     defaults, the member takes (AdamW runs Adam's rule with another weight decay). A member
+#     matched by neither has its own arguments checked by its constructor when the app builds
+#     it, not when the config is composed.
+@functools.cache
+def _member_rules() -> dict[str, ModuleType]:
+    named = {}
+    for class_name in FAMILY:
+        spec = importlib.util.find_spec(f"{rules.__name__}.{class_name.lower()}")
+        if spec is not None:
+            named[class_name] = importlib.import_module(spec.name)
+    found = {}
+    for class_name in FAMILY:
+        if class_name in named:
+            found[class_name] = named[class_name]
+            continue
+        own = _constructor_defaults(class_name)
+        matches = {r for r in named.values() if r.HYPERPARAMETERS == own}
+        if len(matches) == 1:
+            found[class_name] = matches.pop()
+    return found
+
+
+def _constructor_defaults(class_name: str, own_only: bool = True) -> dict[str, Any]:
+    """The keyword arguments of ``FAMILY[class_name]`` with their defaults (only the member's
+    own, the ones the base optimizer lacks, if ``own_only``)."""
+    parameters = inspect.signature(FAMILY[class_name].__init__).parameters
+    defaults = {
+        name: p.default
+        for name, p in parameters.items()
+        if name not in ("self", "params", "process_group")
+        and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    common = {f.name for f in dataclasses.fields(MemberConfig)}
+    return {k: v for k, v in defaults.items() if k not in common} if own_only else defaults
+
+
+def _field_type(default: Any) -> Any:
+    """The schema type of an own argument, from its Keras default (Hydra then turns a YAML 2
+    into 2.0 for a float); anything else is left to the rule's checks."""
+    for kind in (bool, int, float, str):
+        if type(default) is kind:
+            return kind
+    return Any
+
+
+def _member_schema(class_name: str) -> type[MemberConfig]:
+    """``FAMILY[class_name]``'s schema: a ``MemberConfig`` with that member's defaults, then
+    its own arguments."""
+    defaults = _constructor_defaults(class_name, own_only=False)
+    own = _constructor_defaults(class_name)
+    types = typing.get_type_hints(MemberConfig)
+    fields = [(k, types[k], field(default=v)) for k, v in defaults.items() if k not in own]
+    fields.append(("class_name", str, field(default=class_name)))
+    fields += [(k, _field_type(v), field(default=v)) for k, v in own.items()]
+    return dataclasses.make_dataclass(
+        f"{class_name}Config",
+        fields,
+        bases=(MemberConfig,),
+        namespace={
+            "MEMBER": class_name,
+            "OWN_ARGUMENTS": tuple(own),
+            "__doc__": f"The app's config of {FAMILY[class_name].__name__}: its own arguments "
+            f"({', '.join(own) or 'none'}) after the keys every member has (MemberConfig).",
+            "__module__": __name__,
+        },
+    )
+
+
+MEMBER_CONFIGS: dict[str, type[MemberConfig]] = {name: _member_schema(name) for name in FAMILY}
+"""Keras's class name -> the schema of that member's config (``SGDConfig`` for SGD)."""
+globals().update({schema.__name__: schema for schema in MEMBER_CONFIGS.values()})  # for pickle
+
+OptimizerConfig = MEMBER_CONFIGS[DEFAULT_MEMBER]
+"""ShardedAdam's config (the member a config that names none is for)."""
+
+
+def optimizer_config(class_name: str) -> type[MemberConfig]:
+    """The schema of ``FAMILY[class_name]``'s config."""
+    if class_name not in MEMBER_CONFIGS:
+        raise ValueError(
+            f"Invalid optimizer.class_name: {class_name!r} (expected a member of the family: "
+            f"{', '.join(FAMILY)}; optimizer=<name in lower case> picks one)"
+        )
+    return MEMBER_CONFIGS[class_name]
+
+
+def _optimizer_schema(values: Any) -> type[MemberConfig]:
+    """The schema of an optimizer config given as plain values: its ``class_name``'s."""
+    name = values.get("class_name") if isinstance(values, dict) else None
+    return optimizer_config(DEFAULT_MEMBER if name is None else name)
+
+
+def as_optimizer_config(value: Any) -> MemberConfig:
+    """A member's config from what ``TrainConfig.optimizer`` was given: one already, null
+    (Adam's defaults) or its keys as plain values, ``class_name`` naming the member."""
+    if isinstance(value, MemberConfig):
+        return value
+    if value is None:
+        return OptimizerConfig()
+    if not isinstance(value, dict):
+        raise TypeError(
+            f"Invalid optimizer: {value!r} (expected a member's config: "
+            "optimizer_config(class_name)(...), or its keys as a dict)"
+        )
+    schema = _optimizer_schema(value)
+    check_known_keys(value, schema, "optimizer.")
+    return schema(**value)
 
 
 @dataclass
@@ -214,7 +389,9 @@ class DistributedConfig:
 class TrainConfig:
     """The whole app: ``model`` and ``data`` are instantiated from their ``_target_``."""
 
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: Any = field(default=None, metadata={"schema": _optimizer_schema})
+    """A member's config, ``optimizer_config(class_name)`` (null: Adam's defaults). The app's
+    ``optimizer/<name>.yaml`` brings its member's schema in through its defaults list."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     model: Any = None
@@ -223,6 +400,7 @@ class TrainConfig:
     """A factory returning ``shardadam.datasets.Splits``: ``_target_`` and its arguments."""
 
     def __post_init__(self) -> None:
+        self.optimizer = as_optimizer_config(self.optimizer)
         for name in ("model", "data"):
             spec = getattr(self, name)
             if not isinstance(spec, dict) or not spec.get("_target_"):
@@ -240,17 +418,41 @@ def check_known_keys(values: dict[str, Any], schema: type = TrainConfig, where: 
     """Refuse a key of ``values`` (a composed config, as plain dicts) that ``schema`` has no
     field for, naming the keys it has: Hydra adds any key given with ``+``, and converting to
     the dataclasses would drop it silently, so a misspelt setting would train on the default.
-    Fields that are dataclasses are checked inside; others (``model``, ``data``, a schedule)
-    hold whatever their ``_target_`` takes."""
+    Fields that are dataclasses are checked inside (the optimizer against its member's schema);
+    others (``model``, ``data``, a schedule) hold whatever their ``_target_`` takes."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key, value in values.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+            # Another member's argument is no typo (momentum is not ema_momentum misspelt).
+            takers = _other_members_hint(schema, key)
+            close = [] if takers else difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {where}{close[0]}?)" if close else ""
             raise ValueError(
                 f"Unknown key {where}{key}{hint}: {where.rstrip('.') or 'the config'} has "
-                f"{', '.join(fields)}"
+                f"{', '.join(fields)}{takers}"
             )
-        factory = fields[key].default_factory
-        if factory is not dataclasses.MISSING and isinstance(value, dict):
-            check_known_keys(value, type(factory()), f"{where}{key}.")
+        nested = _nested_schema(fields[key], value)
+        if nested is not None and isinstance(value, dict):
+            check_known_keys(value, nested, f"{where}{key}.")
+
+
+def _nested_schema(f: dataclasses.Field, value: Any) -> type | None:
+    if "schema" in f.metadata:
+        return f.metadata["schema"](value)
+    if f.default_factory is dataclasses.MISSING:
+        return None
+    made = f.default_factory()
+    return type(made) if dataclasses.is_dataclass(made) else None
+
+
+def _other_members_hint(schema: type, key: str) -> str:
+    """Where ``key`` is another member's argument: which members take it."""
+    if not issubclass(schema, MemberConfig):
+        return ""
+    takers = [n for n, c in MEMBER_CONFIGS.items() if key in c.__dataclass_fields__]
+    if not takers:
+        return ""
+    return (
+        f" ({key} is an argument of {', '.join(takers)}, not of {schema.MEMBER}; "
+        f"optimizer=<name> picks the member, e.g. optimizer={takers[0].lower()})"
+    )

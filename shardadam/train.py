@@ -2,7 +2,8 @@
 
 Hydra composes ``shardadam/configs/config.yaml`` over the schema in ``shardadam.app_config``
 (an unknown key or a wrong type fails before anything starts). Every rank then builds the model
-and data named by their ``_target_``, trains the trainable parameters with ShardedAdam and
+and data named by their ``_target_``, trains the trainable parameters with the member of the
+family that ``optimizer`` configures (``optimizer=<name>``; ShardedAdam by default) and
 evaluates on the held-out split (the EMA weights too where ``optimizer.use_ema``). Rank 0
 writes into the run's output directory: the config (``.hydra/``), ``metrics.jsonl``,
 ``train.log``, ``loss.png``, TensorBoard events if asked; every rank writes its part of each
@@ -32,13 +33,22 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
-from .app_config import RESUME_AUTO, TrainConfig, check_known_keys
+from .app_config import (
+    DEFAULT_MEMBER,
+    MEMBER_CONFIGS,
+    RESUME_AUTO,
+    MemberConfig,
+    TrainConfig,
+    check_known_keys,
+    optimizer_config,
+)
 from .batches import Batch, TrainBatches, eval_batches, forward
 from .bootstrap import DistributedContext
 from .datasets import check_splits
 from .losses import HeldOutTotal, TrainingLoss, rank_loss
 from .model_sync import broadcast_buffers, check_same_weights
-from .optimizers import ShardedAdam
+from .optimizer import ShardedOptimizer
+from .optimizers import FAMILY
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionSignals
 from .process_group import distributed_job
 from .reporting import Reporter
@@ -57,6 +67,9 @@ from .startup import check_writable, decide_resume, shared_output_dir
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 ConfigStore.instance().store(name="schema", node=TrainConfig)
+# Each member's schema, which configs/optimizer/<name>.yaml brings in through its defaults list.
+for _class_name, _schema in MEMBER_CONFIGS.items():
+    ConfigStore.instance().store(group="schema/optimizer", name=_class_name.lower(), node=_schema)
 # For schedule configs sized from trainer.steps (configs/optimizer/schedule/).
 OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
 
@@ -78,42 +91,92 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _run_hydra(cfg: DictConfig) -> float:
     """Hydra's task: the composed config as dataclasses, then ``train``."""
+    return train(config_from(cfg), Path(HydraConfig.get().runtime.output_dir))
+
+
+def config_from(cfg: DictConfig) -> TrainConfig:
+    """A composed config as the app's dataclasses: a key its schema lacks is refused, then
+    converting runs every check."""
+    schema = OmegaConf.get_type(cfg, "optimizer")
+    if isinstance(schema, type) and issubclass(schema, MemberConfig):
+        # Before the keys, which are checked against the member that class_name names.
+        schema.check_class_name(cfg.optimizer.get("class_name"))
     check_known_keys(OmegaConf.to_container(cfg, resolve=False))
-    config = OmegaConf.to_object(cfg)
-    return train(config, Path(HydraConfig.get().runtime.output_dir))
+    if schema is dict:  # a config of the user's that brings in no schema: its member's
+        members = optimizer_config(cfg.optimizer.get("class_name", DEFAULT_MEMBER))
+        cfg.optimizer = OmegaConf.merge(OmegaConf.structured(members), cfg.optimizer)
+    return OmegaConf.to_object(cfg)
 
 
 # Hydra's flags that take a value as the next argument (an override always has a "=").
 _FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir"}
 _FLAGS_WITH_VALUE |= {"-c", "--cfg", "-p", "--package", "-i", "--info", "--experimental-rerun"}
+# Hydra's flags that pick another primary config, whose optimizer may be another member.
+_FLAGS_CHANGING_PRIMARY = {"-cn", "--config-name", "-cp", "--config-path"}
 
 
 def _check_override_keys(arguments: list[str]) -> None:
     """Refuse an override of a key the schema lacks, before Hydra composes anything: Hydra
-    adds a ``+key`` without a word, and its own error for a plain one lists no known keys."""
+    adds a ``+key`` without a word, and its own error for a plain one lists no known keys.
+    ``optimizer.*`` keys are checked against the member the command line picks, where it
+    says (``optimizer=sgd``, or nothing: config.yaml's); a config of the user's own
+    (``optimizer=my_recipe``) is checked once composed."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides, previous = [], ""
+    overrides, flags, previous = [], set(), ""
     for argument in arguments:
         takes_this = previous in _FLAGS_WITH_VALUE and "=" not in argument
         if not takes_this and not argument.startswith("-"):
             overrides.append(argument)
+        elif argument.startswith("-"):
+            flags.add(argument.split("=", 1)[0])
         previous = "" if takes_this else argument
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # Hydra reports a malformed override itself, with its own words
         return
+    options, keys = None, []
     for override in parsed:
         key = override.key_or_group
         if override.is_delete() or "/" in key or key.startswith("hydra."):
             continue
+        if key == "optimizer":  # the config group: which member's config
+            options = _override_values(override)
+        else:
+            keys.append(key)
+    members = _members_picked(options, primary_changed=bool(flags & _FLAGS_CHANGING_PRIMARY))
+    for key in keys:
         nested: dict[str, Any] = {}
         *parents, leaf = key.split(".")
         level = nested
         for part in parents:
             level = level.setdefault(part, {})
         level[leaf] = None
-        check_known_keys(nested)
+        if "optimizer" not in nested:
+            check_known_keys(nested)
+            continue
+        for class_name in (m for m in members if m is not None):
+            check_known_keys({"optimizer": {**nested["optimizer"], "class_name": class_name}})
+
+
+def _override_values(override: Any) -> list[str]:
+    """An override's value, or each value of a sweep (``optimizer=sgd,lion``)."""
+    if override.is_sweep_override():
+        return list(override.sweep_string_iterator())
+    value = override.value()
+    return [] if value is None else [str(value)]
+
+
+def _members_picked(options: list[str] | None, primary_changed: bool) -> list[str | None]:
+    """The members the optimizer configs ``options`` are for (None where only composing can
+    tell: a config of the user's own); no options: the default config's choice."""
+    if options is None:
+        if primary_changed:
+            return [None]
+        defaults = OmegaConf.load(CONFIG_DIR / "config.yaml").defaults
+        options = [e.optimizer for e in defaults if isinstance(e, DictConfig) and "optimizer" in e]
+    by_option = {class_name.lower(): class_name for class_name in FAMILY}
+    return [by_option.get(option) for option in options]
 
 
 def train(config: TrainConfig, output_dir: Path) -> float:
@@ -321,7 +384,8 @@ def _instantiate(spec: dict[str, Any], name: str, kind: type) -> Any:
     return built
 
 
-def _build_optimizer(config: TrainConfig, model: torch.nn.Module) -> ShardedAdam:
+def _build_optimizer(config: TrainConfig, model: torch.nn.Module) -> ShardedOptimizer:
+    """The member of the family ``config.optimizer`` is for, over the trainable parameters."""
     settings = config.optimizer
     arguments = settings.keras_arguments()
     if settings.schedule is not None:
@@ -333,7 +397,8 @@ def _build_optimizer(config: TrainConfig, model: torch.nn.Module) -> ShardedAdam
             "there is nothing to train"
         )
     # Frozen parameters get no optimizer state (they are saved with the model all the same).
-    optimizer = ShardedAdam(trainable, **arguments, **config.distributed.sharding_options())
+    member = FAMILY[settings.class_name]
+    optimizer = member(trainable, **arguments, **config.distributed.sharding_options())
     if settings.exclude_from_weight_decay:
         optimizer.exclude_from_weight_decay(var_names=settings.exclude_from_weight_decay)
     return optimizer

@@ -72,6 +72,24 @@ def test_overrides_reach_the_optimizer_and_outputs_land_in_the_run_dir(tmp_path)
     assert len(held_out_losses(out)) == 3  # before, at 6, at 12
 
 
+def test_another_member_trains_with_its_own_arguments(tmp_path):
+    run_dir = tmp_path / "run"
+    done, out = run_app(
+        *MLP, "optimizer=sgd", "optimizer.momentum=0.9", "optimizer.nesterov=true",
+        "~optimizer/schedule", "trainer.steps=6", "trainer.eval_every=0", "trainer.plot=false",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert done.returncode == 0, out
+    body = json.loads((checkpoint.latest(run_dir / "checkpoints") / "manifest.json").read_text())
+    group = body["body"]["optimizer"]["param_groups"][0]
+    assert group["lr"] == 0.01 and group["momentum"] == 0.9 and group["nesterov"] is True
+    assert "betas" not in group  # SGD's keys only, with Keras's learning rate
+    assert any(k.startswith("optimizer/momentum/") for k in body["body"]["tensors"])
+    assert "class_name: SGD" in (run_dir / ".hydra" / "config.yaml").read_text()
+    first, last = held_out_losses(out)[0], held_out_losses(out)[-1]
+    assert last < first, out
+
+
 def test_wraps_an_existing_module_given_on_the_command_line(tmp_path):
     done, out = run_app(
         "data=teacher_classification", "~model",
@@ -90,7 +108,12 @@ def test_wraps_an_existing_module_given_on_the_command_line(tmp_path):
         (
             ["optimizer.learnin_rate=0.1"],
             r"Unknown key optimizer.learnin_rate \(did you mean "
-            r"optimizer.learning_rate\?\): optimizer has learning_rate, schedule, beta_1",
+            r"optimizer.learning_rate\?\): optimizer has learning_rate, schedule, weight_decay",
+        ),
+        (
+            ["optimizer=sgd", "optimizer.beta_1=0.9"],  # Adam's argument, not SGD's
+            r"Unknown key optimizer.beta_1: optimizer has learning_rate, .*, momentum, nesterov "
+            r"\(beta_1 is an argument of Adam, AdamW, .*, not of SGD",
         ),
         # Hydra itself adds a key given with "+", silently: the app must refuse it too.
         (["+optimizer.learing_rate=0.1"], r"Unknown key optimizer.learing_rate \(did you mean"),
