@@ -40,6 +40,7 @@ from .app_config import (
     MemberConfig,
     TrainConfig,
     check_known_keys,
+    member_rule,
     optimizer_config,
 )
 from .batches import Batch, TrainBatches, eval_batches, forward
@@ -61,6 +62,7 @@ from .resume import (
     resume_source,
     rng_states,
 )
+from .schedules import LearningRateSchedule
 from .startup import check_writable, decide_resume, shared_output_dir
 
 # Inside the package, so that an installed wheel has them (package data, see pyproject.toml).
@@ -389,7 +391,9 @@ def _build_optimizer(config: TrainConfig, model: torch.nn.Module) -> ShardedOpti
     settings = config.optimizer
     arguments = settings.keras_arguments()
     if settings.schedule is not None:
-        arguments["learning_rate"] = hydra.utils.instantiate(settings.schedule, _convert_="all")
+        schedule = hydra.utils.instantiate(settings.schedule, _convert_="all")
+        _check_first_rate(schedule, settings.class_name)
+        arguments["learning_rate"] = schedule
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(
@@ -402,6 +406,21 @@ def _build_optimizer(config: TrainConfig, model: torch.nn.Module) -> ShardedOpti
     if settings.exclude_from_weight_decay:
         optimizer.exclude_from_weight_decay(var_names=settings.exclude_from_weight_decay)
     return optimizer
+
+
+def _check_first_rate(schedule: Any, class_name: str) -> None:
+    """A rule that divides by the learning rate (Ftrl) refuses a 0 at the step that takes it;
+    the app's default schedule starts with one, so refuse it now, saying what to pick."""
+    rule = member_rule(class_name)
+    if not isinstance(schedule, LearningRateSchedule) or not hasattr(rule, "check_learning_rate"):
+        return
+    try:
+        rule.check_learning_rate(float(schedule(0)), " (optimizer.schedule's, at step 1)")
+    except ValueError as error:
+        raise ValueError(
+            f"{error}; pick a schedule that starts above 0 (optimizer/schedule=exponential) or "
+            "none ('~optimizer/schedule')"
+        ) from None
 
 
 def _set_threads(threads: int | None, ctx: DistributedContext) -> None:

@@ -267,6 +267,16 @@ def test_a_bad_value_of_a_member_is_refused_once_composed(overrides, message):
         train.config_from(compose_app(*overrides, *MLP))
 
 
+def test_ftrl_refuses_the_default_schedules_first_rate_before_training():
+    """It divides by the learning rate, and the app's warmup starts from 0."""
+    config = train.config_from(compose_app("optimizer=ftrl", *MLP))
+    with pytest.raises(ValueError, match=r"Invalid learning_rate \(optimizer.schedule's, at "
+                       r"step 1\): 0.0 .*; pick a schedule that starts above 0"):  # fmt: skip
+        train._build_optimizer(config, torch.nn.Linear(3, 2))
+    exponential = compose_app("optimizer=ftrl", "optimizer/schedule=exponential", *MLP)
+    train._build_optimizer(train.config_from(exponential), torch.nn.Linear(3, 2))
+
+
 def test_rule_messages_name_the_arguments_as_the_config_does():
     message = "Invalid beta_1: 2 (expected 0 <= beta_1 < 1; not beta_10, x.beta_1 or the beta)"
     assert in_config(message, ("beta_1", "beta")) == (
