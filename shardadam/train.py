@@ -330,6 +330,8 @@ class _Run:
         # Checked before anything changes: the config the checkpoint was trained with.
         saved = checkpoint.read_extra(path).get("config")
         changed = {} if saved is None else differences(saved, config_record(self.config))
+        if saved is not None:
+            _check_same_member(saved, self.config.optimizer.class_name, path)
         check_state_settings(changed)
         configured = ConfiguredHyperparameters(
             self.optimizer, self.config.optimizer.exclude_from_weight_decay
@@ -374,6 +376,21 @@ class _Run:
 
 
 # ---------------------------------------------------------------------- building blocks
+
+
+def _check_same_member(saved: dict[str, Any], class_name: str, path: Path) -> None:
+    """A checkpoint's optimizer state is its rule's (checkpoints from before the family record
+    no member: Adam's), so only a member of the same rule resumes it (Adam and AdamW); checked
+    before the settings that decide which state exists, which differ between members too."""
+    trained = saved.get("optimizer", {}).get("class_name", DEFAULT_MEMBER)
+    rule = member_rule(trained)
+    if trained == class_name or (rule is not None and rule is member_rule(class_name)):
+        return
+    raise ValueError(
+        f"Invalid optimizer.class_name: {class_name!r} on resume, but the checkpoint {path} was "
+        f"trained with {trained!r}, whose optimizer state {class_name} cannot take (resume with "
+        f"optimizer={trained.lower()}, or start afresh)"
+    )
 
 
 def _instantiate(spec: dict[str, Any], name: str, kind: type) -> Any:

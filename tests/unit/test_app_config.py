@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,6 +294,14 @@ def test_a_users_config_without_a_schema_is_its_members(tmp_path):
     optimizer = train.config_from(cfg).optimizer
     assert optimizer == optimizer_config("Lion")(beta_1=0.5, schedule=optimizer.schedule)
     assert optimizer.schedule["warmup_target"] == optimizer.learning_rate == 0.001
+
+
+def test_resuming_with_a_member_of_another_rule_is_refused_naming_the_checkpoints():
+    with pytest.raises(ValueError, match=r"Invalid optimizer.class_name: 'SGD' on resume, but "
+                       r"the checkpoint ckpt was trained with 'Adam'.*optimizer=adam"):  # fmt: skip
+        train._check_same_member({"optimizer": {"class_name": "Adam"}}, "SGD", Path("ckpt"))
+    train._check_same_member({"optimizer": {}}, "Adam", Path("ckpt"))  # recorded before SGD
+    train._check_same_member({"optimizer": {"class_name": "Adam"}}, "AdamW", Path("ckpt"))
 
 
 def test_keys_the_schemas_have_pass_before_composing():
