@@ -64,7 +64,7 @@ class StateDictIO:
         param_groups: list[dict[str, Any]],
         micro_steps: int,
         iterations: int,
-        carry: dict[str, float],
+        carry: dict[str, list[float]],
     ) -> dict[str, Any]:
         """torch's ``state_dict`` made ours: code dropped from the groups, this rank's gradient
         sums within an accumulation cycle, the ``shardadam`` entry."""
@@ -127,6 +127,12 @@ class StateDictIO:
                 f"state but {self.owner} keeps {sorted(carry)}: it was saved by "
                 "another optimizer"
             )
+        for name, value in extra.get("carry", {}).items():
+            if isinstance(value, (list, tuple)) and len(value) != len(param_groups):
+                raise ValueError(
+                    f"the state_dict holds {name!r} for {len(value)} param groups but this "
+                    f"optimizer has {len(param_groups)}"
+                )
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         index_of = param_indices(param_groups)
         for b, buffer in enumerate(self.sharded.buffers):

@@ -2,8 +2,10 @@
 each buffer, then each owned shard updated by the rule with Keras's clipping, weight decay,
 masks, EMA and masters around it (one kernel call per buffer, see ``functional``).
 
-The rule's optimizer-wide state (``CARRY``: Nadam's ``u_product``) lives here too: the
-scalars say what it becomes, and it advances once per applied update, never on a skipped one.
+The rule's optimizer-wide state (``CARRY``: Nadam's ``u_product``) lives here too, one per
+param group (a group is torch's counterpart of a separate Keras optimizer, and the product
+depends on the group's ``beta_1``): the scalars say what it becomes, and it advances once per
+applied update, never on a skipped one. A group added later starts from the first group's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from .rule_groups import hyperparameters_of
 from .sharded_params import ShardedParams
 from .state import compute_dtype, rule_carry
 from .tensor_stats import TensorStatistics
+
+
+def _initial_carry(rule: ModuleType) -> dict[str, Tensor]:
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in rule_carry(rule).items()}
+
 
 Scalars = list[tuple[Tensor, Tensor]]
 """Per buffer, the packed scalars of a step in host memory and on the buffer's device."""
@@ -65,10 +72,11 @@ class ShardUpdater:
             else None
         )
         """Sums over each tensor across ranks, for a per-tensor rule (Lamb)."""
-        self.carry = {k: torch.tensor(v, dtype=torch.float32) for k, v in rule_carry(rule).items()}
-        """The rule's optimizer-wide state (Nadam's u_product), float32 as Keras keeps it."""
-        self.next_carry = self.carry
-        """What ``carry`` becomes once this step's update is applied (``advance_carry``)."""
+        self.carry: list[dict[str, Tensor]] = []
+        """Per param group, the rule's optimizer-wide state (Nadam's u_product), float32 as
+        Keras keeps it; empty dicts for a rule without any."""
+        self.next_carry: dict[int, dict[str, Tensor]] = {}
+        """Per group, what its carry becomes once this step's update is applied."""
 
     def prepare_grads(self, present: list[list[int]]) -> list[Tensor | None]:
         """Unscale and average the accumulated shard gradients; the masks of present ones
@@ -114,7 +122,7 @@ class ShardUpdater:
             lr_tensor = host_scalar(lr, dtype)
             packed = torch.cat(
                 [
-                    self._rule_scalars(hp, lr_tensor, step, dtype),
+                    self._rule_scalars(hp, lr_tensor, step, dtype, group_index),
                     engine_scalars(
                         lr_tensor,
                         group["weight_decay"],
@@ -133,16 +141,22 @@ class ShardUpdater:
         return scalars
 
     def _rule_scalars(
-        self, hp: dict[str, Any], lr: Tensor, step: int, dtype: torch.dtype
+        self, hp: dict[str, Any], lr: Tensor, step: int, dtype: torch.dtype, group_index: int
     ) -> Tensor:
         """The rule's packed scalars of this step; a rule with optimizer-wide state also says
-        what that state becomes, which the step keeps once the update is applied."""
-        if not self.carry:
+        what the group's state becomes, which the step keeps once the update is applied."""
+        if not hasattr(self.rule, "CARRY"):
             return self.rule.scalars(hp, lr, step, dtype)
-        carry = {k: v.to(dtype) for k, v in self.carry.items()}
+        carry = {k: v.to(dtype) for k, v in self._group_carry(group_index).items()}
         packed, new_carry = self.rule.scalars(hp, lr, step, dtype, carry)
-        self.next_carry = {k: v.to(torch.float32) for k, v in new_carry.items()}
+        self.next_carry[group_index] = {k: v.to(torch.float32) for k, v in new_carry.items()}
         return packed
+
+    def _group_carry(self, group_index: int) -> dict[str, Tensor]:
+        while len(self.carry) <= group_index:  # a new group: the first group's (or the start)
+            start = self.carry[0] if self.carry else _initial_carry(self.rule)
+            self.carry.append({k: v.clone() for k, v in start.items()})
+        return self.carry[group_index]
 
     def update_shards(
         self,
@@ -221,17 +235,32 @@ class ShardUpdater:
         return calls
 
     def advance_carry(self) -> None:
-        """The update was applied: the rule's optimizer-wide state takes its next value."""
-        self.carry = self.next_carry
+        """The update was applied: each group's optimizer-wide state takes its next value."""
+        for group_index, carry in self.next_carry.items():
+            self.carry[group_index] = carry
+        self.next_carry = {}
 
-    def carry_values(self) -> dict[str, float]:
-        """The rule's optimizer-wide state as floats, for the state dict."""
-        return {k: float(v) for k, v in self.carry.items()}
+    def carry_values(self) -> dict[str, list[float]]:
+        """The rule's optimizer-wide state as floats, one per param group, for the state dict
+        ({} for a rule without any)."""
+        if not hasattr(self.rule, "CARRY"):
+            return {}
+        per_group = [self._group_carry(g) for g in range(len(self.param_groups))]
+        return {k: [float(c[k]) for c in per_group] for k in rule_carry(self.rule)}
 
-    def load_carry(self, saved: dict[str, float] | None) -> None:
-        """Take the saved optimizer-wide state (None: the rule's initial one)."""
-        if not self.carry:
+    def load_carry(self, saved: dict[str, float | list[float]] | None) -> None:
+        """Take the saved optimizer-wide state (None: the rule's initial one); one value for
+        every group (as saved before it was kept per group) or one per group."""
+        if not hasattr(self.rule, "CARRY"):
             return
         saved = rule_carry(self.rule) if saved is None else saved
-        self.carry = {k: torch.tensor(float(saved[k]), dtype=torch.float32) for k in self.carry}
-        self.next_carry = self.carry
+        self.carry = [
+            {
+                k: torch.tensor(
+                    float(v[g] if isinstance(v, (list, tuple)) else v), dtype=torch.float32
+                )
+                for k, v in saved.items()
+            }
+            for g in range(len(self.param_groups))
+        ]
+        self.next_carry = {}

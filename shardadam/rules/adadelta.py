@@ -25,6 +25,9 @@ NAME = "Adadelta"
 LEARNING_RATE = 0.001
 HYPERPARAMETERS: dict[str, Any] = {"rho": 0.95, "epsilon": 1e-7}
 
+GROUP_KEYS = {"epsilon": ("eps", None)}
+"""Where torch.optim.Adadelta keeps epsilon in a param group (``rho`` keeps its name)."""
+
 
 class AdadeltaScalars(NamedTuple):
     learning_rate: Tensor

@@ -22,6 +22,9 @@ NAME = "Adagrad"
 LEARNING_RATE = 0.001
 HYPERPARAMETERS: dict[str, Any] = {"initial_accumulator_value": 0.1, "epsilon": 1e-7}
 
+GROUP_KEYS = {"epsilon": ("eps", None)}
+"""Where torch.optim.Adagrad keeps epsilon in a param group."""
+
 
 class AdagradScalars(NamedTuple):
     learning_rate: Tensor

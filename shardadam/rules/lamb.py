@@ -24,6 +24,9 @@ NAME = "Lamb"
 LEARNING_RATE = 0.001
 HYPERPARAMETERS: dict[str, Any] = {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
 
+GROUP_KEYS = {"beta_1": ("betas", 0), "beta_2": ("betas", 1), "epsilon": ("eps", None)}
+"""torch's keys for these, as its Adam-like optimizers (and LAMB implementations) keep them."""
+
 TENSOR_STATS = ("weight_sq", "update_sq")
 """Per-tensor sums of ``tensor_terms``: ||w||^2 and ||u||^2."""
 

@@ -27,6 +27,10 @@ NAME = "RMSprop"
 LEARNING_RATE = 0.001
 HYPERPARAMETERS: dict[str, Any] = {"rho": 0.9, "momentum": 0.0, "epsilon": 1e-7, "centered": False}
 
+GROUP_KEYS = {"rho": ("alpha", None), "epsilon": ("eps", None)}
+"""Where torch.optim.RMSprop keeps these in a param group (``momentum`` and ``centered`` keep
+their names there)."""
+
 
 class RMSpropScalars(NamedTuple):
     learning_rate: Tensor

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from shardadam import optimizers, schedules
+from shardadam.rule_groups import rule_group_keys
 from tests.reference import (
     LR,
     SHAPES,
@@ -144,3 +145,87 @@ def test_member_with_bf16_parameters_follows_its_fp32_master_run(member):
     for name, p, master in zip(case.names, ours, masters):
         assert p.dtype == torch.bfloat16
         assert torch.equal(p, master.to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("names", ["keras", "torch"])
+@pytest.mark.parametrize("member", sorted(optimizers.FAMILY))
+def test_member_param_group_overrides_equal_a_separate_keras_optimizer(member, names):
+    """A second param group with its own learning rate and own arguments, given by Keras's
+    names or torch's keys (``betas``, ``eps``, ``alpha``...), trains as a Keras optimizer of
+    those arguments would (Keras has one set per optimizer: two Keras optimizers)."""
+    cls = optimizers.FAMILY[member]
+    case = make_case([(4, 3), (5,), (2, 3)], steps=50, seed=3)
+    params = [torch.nn.Parameter(x.clone()) for x in case.init]
+    own = dict(OWN_ARGUMENTS.get(member, {}))
+    base = {"learning_rate": LR, "weight_decay": 0.1}
+    probe = cls([torch.nn.Parameter(torch.zeros(1))], jit_compile=False)
+    overrides = dict(own) if names == "keras" else _torch_keys(probe._rule, own)
+    groups = [{"params": params[:2]}, {"params": params[2:], "learning_rate": 0.01, **overrides}]
+    opt = cls(groups, **base, jit_compile=False)
+    for grads in case.grads:
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    first = make_case([(4, 3), (5,)], steps=0)
+    first.init, first.grads = case.init[:2], [g[:2] for g in case.grads]
+    second = make_case([(2, 3)], steps=0)
+    second.init, second.grads = case.init[2:], [g[2:] for g in case.grads]
+    k1, _ = run_keras(first, base, keras_name=member)
+    k2, _ = run_keras(second, {**base, "learning_rate": 0.01, **own}, keras_name=member)
+    assert_all_close([p.detach() for p in params], k1 + k2, ["a", "b", "c"])
+
+
+def _torch_keys(rule, own: dict) -> dict:
+    """``own`` (Keras names) under the rule's param-group keys, tuples completed with defaults."""
+    keys = rule_group_keys(rule)
+    group: dict = {}
+    for name, value in own.items():
+        key, index = keys[name]
+        if index is None:
+            group[key] = value
+        else:
+            width = 1 + max(i for k, i in keys.values() if k == key and i is not None)
+            default = [rule.HYPERPARAMETERS[n] for n, (k, _) in keys.items() if k == key]
+            current = list(group.get(key, default[:width]))
+            current[index] = value
+            group[key] = tuple(current)
+    return group
+
+
+def test_nadam_keeps_one_u_product_per_param_group_through_a_state_dict():
+    """Nadam's u_product depends on beta_1, so each group keeps its own: a run resumed from a
+    state_dict continues as the uninterrupted one, and an older state_dict holding a single
+    value gives it to every group."""
+    case = make_case([(4, 3), (5,)], steps=20, seed=4)
+
+    def build(params):
+        groups = [{"params": params[:1]}, {"params": params[1:], "beta_1": 0.7}]
+        return optimizers.ShardedNadam(groups, learning_rate=LR, jit_compile=False)
+
+    def train(opt, params, rows):
+        for grads in rows:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+
+    params = [torch.nn.Parameter(x.clone()) for x in case.init]
+    opt = build(params)
+    train(opt, params, case.grads)
+    resumed_params = [torch.nn.Parameter(x.clone()) for x in case.init]
+    first = build(resumed_params)
+    train(first, resumed_params, case.grads[:8])
+    saved = first.state_dict()
+    assert len(saved["shardadam"]["carry"]["u_product"]) == 2
+    second = build(resumed_params)
+    second.load_state_dict(saved)
+    train(second, resumed_params, case.grads[8:])
+    assert_all_close([p.detach() for p in resumed_params], [p.detach() for p in params], "ab")
+
+    older = copy.deepcopy(saved)
+    older["shardadam"]["carry"] = {"u_product": saved["shardadam"]["carry"]["u_product"][0]}
+    third = build([torch.nn.Parameter(x.clone()) for x in case.init])
+    third.load_state_dict(older)
+    assert (
+        third.state_dict()["shardadam"]["carry"]["u_product"]
+        == [saved["shardadam"]["carry"]["u_product"][0]] * 2
+    )
