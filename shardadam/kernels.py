@@ -204,15 +204,17 @@ class UpdateRunner:
     If compilation fails, warns once and runs eagerly from then on; results are the same.
     """
 
-    def __init__(self, jit_compile: bool, announce: bool = True) -> None:
+    def __init__(self, jit_compile: bool, announce: bool = True, owner: str = "shardadam") -> None:
         """``announce``: say (INFO, logger ``shardadam``, once per process) when the first
-        update compiles, which takes seconds; one rank of a group says it."""
+        update compiles, which takes seconds; one rank of a group says it. ``owner``: the
+        optimizer's class name, for the messages."""
         self.announce = announce
+        self.owner = owner
         self.jit_compile = jit_compile and compile_available()
         if jit_compile and not self.jit_compile:
             warnings.warn(
                 "jit_compile=True but torch.compile is not supported in this Python; "
-                "ShardedAdam runs its update eagerly",
+                f"{owner} runs its update eagerly",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -227,7 +229,7 @@ class UpdateRunner:
             if compiled is None:
                 if not _compiled_variants and self.announce:
                     _announce(
-                        "ShardedAdam: compiling the update with torch.compile (the first step "
+                        f"{self.owner}: compiling the update with torch.compile (the first step "
                         "takes seconds; jit_compile=False runs it eagerly)"
                     )
                 compiled = compile_function(_copy_function(fused, len(_compiled_variants)))
@@ -240,7 +242,7 @@ class UpdateRunner:
                 first_line = (str(error).strip().splitlines() or [""])[0]
                 warnings.warn(
                     f"jit_compile=True but torch.compile failed ({type(error).__name__}: "
-                    f"{first_line}); ShardedAdam runs its update eagerly from now on",
+                    f"{first_line}); {self.owner} runs its update eagerly from now on",
                     RuntimeWarning,
                     stacklevel=3,
                 )

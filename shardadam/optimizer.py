@@ -133,7 +133,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._param_gather = ParamGather(self.comm, buffers, self._sharded.position_of)
         self._decay = DecayExclusions(buffers)
         self._ema = ShardedEMA(self.comm, buffers, shard_states, self._param_gather, self.options)
-        self._runner = UpdateRunner(jit_compile, announce=self.comm.rank == 0)
+        self._runner = UpdateRunner(
+            jit_compile, announce=self.comm.rank == 0, owner=type(self).__name__
+        )
         self._clipper = GradClipper(self.comm, buffers, self.options.global_clipnorm)
         self._state_io = StateDictIO(
             rule, self._sharded, self._reducer, self._decay, self.options, type(self).__name__
