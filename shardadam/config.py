@@ -168,7 +168,7 @@ def group_from_keras_names(
         if keras_name in OPTIMIZER_WIDE:
             raise ValueError(
                 f"Invalid {where}: {keras_name!r} cannot be set per param group, because "
-                f"{OPTIMIZER_WIDE[keras_name]}; pass it to ShardedAdam itself"
+                f"{OPTIMIZER_WIDE[keras_name]}; pass it to the optimizer itself"
             )
         if keras_name not in keys:
             continue

@@ -23,7 +23,7 @@ from .buffers import FlatBuffer
 def refuse_sparse_grad(buffer: FlatBuffer, index: int, grad: Tensor) -> None:
     if grad.is_sparse:
         raise ValueError(
-            "ShardedAdam does not support sparse gradients; got one for parameter "
+            "shardadam's optimizers do not support sparse gradients; got one for parameter "
             f"'{buffer.layout.params[index].name}'"
         )
 
