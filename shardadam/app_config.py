@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import importlib
-import importlib.util
 import inspect
 import re
 import typing
@@ -25,7 +22,6 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar
 
-from . import rules
 from .config import (
     BACKENDS,
     OptimizerOptions,
@@ -158,33 +154,9 @@ def in_config(message: str, names: tuple[str, ...], prefix: str = "optimizer.") 
 
 def member_rule(class_name: str) -> ModuleType | None:
     """The update rule (a module of ``shardadam.rules``) that ``FAMILY[class_name]`` runs, for
-    the config's checks (Note [a member's rule])."""
-    return _member_rules().get(class_name)
-
-
-# Note [a member's rule]
-#     The public classes do not say which rule they run, so the app finds it: the rule module
-#     named after the member (rules/sgd.py for SGD), else the one whose arguments, with their
-#     defaults, the member takes (AdamW runs Adam's rule with another weight decay). A member
-#     matched by neither has its own arguments checked by its constructor when the app builds
-#     it, not when the config is composed.
-@functools.cache
-def _member_rules() -> dict[str, ModuleType]:
-    named = {}
-    for class_name in FAMILY:
-        spec = importlib.util.find_spec(f"{rules.__name__}.{class_name.lower()}")
-        if spec is not None:
-            named[class_name] = importlib.import_module(spec.name)
-    found = {}
-    for class_name in FAMILY:
-        if class_name in named:
-            found[class_name] = named[class_name]
-            continue
-        own = _constructor_defaults(class_name)
-        matches = {r for r in named.values() if r.HYPERPARAMETERS == own}
-        if len(matches) == 1:
-            found[class_name] = matches.pop()
-    return found
+    the config's checks (None for a name outside the family)."""
+    member = FAMILY.get(class_name)
+    return None if member is None else member.RULE
 
 
 def _constructor_defaults(class_name: str, own_only: bool = True) -> dict[str, Any]:

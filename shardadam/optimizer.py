@@ -76,6 +76,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     options and weight-decay exclusions (see ``state_dict_io``).
     """
 
+    RULE: ModuleType | None = None
+    """The rule a member class (``Sharded<Name>``) runs; the base takes it as an argument."""
+
     _step_supports_amp_scaling = True
     """torch.amp.GradScaler then hands step() its scale instead of unscaling ``p.grad``
     itself, which lets step() refuse it clearly (see ``_refuse_grad_scaler``)."""

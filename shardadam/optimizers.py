@@ -29,6 +29,8 @@ class ShardedAdam(ShardedOptimizer):
     ``momentum``, ``velocity`` and ``velocity_hat``.
     """
 
+    RULE = adam
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -187,7 +189,7 @@ def _member(rule: ModuleType, name: str | None = None, **defaults: Any) -> type:
     return type(
         f"Sharded{name}",
         (ShardedOptimizer,),
-        {"__init__": __init__, "__doc__": doc, "__module__": __name__},
+        {"__init__": __init__, "__doc__": doc, "__module__": __name__, "RULE": rule},
     )
 
 

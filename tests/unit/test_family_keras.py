@@ -229,3 +229,12 @@ def test_nadam_keeps_one_u_product_per_param_group_through_a_state_dict():
         third.state_dict()["shardadam"]["carry"]["u_product"]
         == [saved["shardadam"]["carry"]["u_product"][0]] * 2
     )
+
+
+@pytest.mark.parametrize("member", sorted(optimizers.FAMILY))
+def test_member_says_which_rule_it_runs(member):
+    cls = optimizers.FAMILY[member]
+    opt = cls([torch.nn.Parameter(torch.zeros(2))], jit_compile=False)
+    assert cls.RULE is opt._rule
+    assert cls.RULE.NAME == ("Adam" if member == "AdamW" else member)
+    assert opt.state_dict()["shardadam"]["name"] == member
