@@ -26,8 +26,8 @@ was at the time.
 
 A new member of the family is benchmarked with no change here (against our Adam); give it an
 entry in ``TORCH_PEERS`` where torch has the algorithm. A rule with per-tensor statistics
-(``TENSOR_STATS``) needs the engine's statistics pass before its update, which this does not
-form yet: it is skipped with a message.
+(``TENSOR_STATS``: Lamb) runs the engine's statistics pass before its update, as in one process
+on a shard that is one whole tensor.
 """
 
 from __future__ import annotations
@@ -52,7 +52,14 @@ import torch
 from torch import Tensor
 
 import shardadam
-from shardadam.functional import engine_scalars, host_scalar, shard_step_, shard_step_inplace_
+from shardadam.functional import (
+    ENGINE_SCALARS,
+    engine_scalars,
+    host_scalar,
+    shard_step_,
+    shard_step_inplace_,
+    shard_tensor_terms,
+)
 from shardadam.kernels import UpdateRunner
 from shardadam.rule_groups import evaluated, hyperparameters_of
 
@@ -147,10 +154,10 @@ class Member:
 
 def resolve_member(name: str) -> Member:
     """The rule and hyperparameters the member's constructor gives its param group."""
+    member = shardadam.FAMILY[name]
     probe = torch.nn.Parameter(torch.zeros(1))
-    optimizer = shardadam.FAMILY[name]([probe], jit_compile=False, **MEMBER_ARGUMENTS.get(name, {}))
-    group = optimizer.param_groups[0]
-    rule = optimizer._rule  # the engine has no public handle on its rule
+    optimizer = member([probe], jit_compile=False, **MEMBER_ARGUMENTS.get(name, {}))
+    group, rule = optimizer.param_groups[0], member.RULE
     hp = evaluated(rule, hyperparameters_of(rule, group))
     return Member(name, rule, hp, float(group["lr"]), float(group["weight_decay"]))
 
@@ -163,8 +170,8 @@ def to_device(packed: Tensor, device: torch.device) -> Tensor:
 
 
 class OurUpdate:
-    """One member's per-shard update on a flat shard of ``numel`` elements, called as the
-    engine calls it (``ShardedOptimizer._update_shards``) for a buffer without decay
+    """One member's per-shard update on a flat shard of ``numel`` elements (one parameter),
+    called as the engine calls it (``updates.ShardUpdater``) for a buffer without decay
     exclusions, EMA, masters or missing gradients."""
 
     def __init__(self, member: Member, numel: int, device: torch.device, jit: bool) -> None:
@@ -186,8 +193,8 @@ class OurUpdate:
         self.preformed = self.scalars()
 
     def scalars(self) -> tuple[Tensor, Tensor]:
-        """This step's packed scalars, on the host and on the device (the engine's
-        ``_update_scalars`` for one buffer)."""
+        """This step's packed scalars, on the host and on the device (``ShardUpdater.scalars``
+        for one buffer)."""
         self.step += 1
         rule, lr = self.member.rule, host_scalar(self.member.learning_rate, DTYPE)
         if self.carry:
@@ -201,11 +208,28 @@ class OurUpdate:
         host_scalars, device_scalars = self.preformed if preformed else self.scalars()
         if self.fresh_grad is not None:
             self.grad.copy_(self.fresh_grad)  # the eager form leaves garbage in it
-        eager = functools.partial(shard_step_inplace_, host_scalars=host_scalars, grad_scale=None)
-        self.runner(
-            shard_step_, eager, self.member.rule, self.static, self.param, self.grad,
-            self.slots, None, None, None, None, device_scalars,
+        rule = self.member.rule
+        args = (
+            rule, self.static, self.param, self.grad, self.slots, None, None, None, None,
+            device_scalars,
         )  # fmt: skip
+        factors = (self.tensor_factors(args),) if hasattr(rule, "TENSOR_STATS") else ()
+        eager = functools.partial(shard_step_inplace_, host_scalars=host_scalars, grad_scale=None)
+        self.runner(shard_step_, eager, *args, *factors)
+
+    def tensor_factors(self, args: tuple) -> Tensor:
+        """What the engine does before a per-tensor rule's update (Note [per-tensor statistics]
+        in ``functional``; ``ShardUpdater._tensor_factors``) where the shard is one whole
+        tensor: the rule's terms summed over it (no all-reduce in one process), its factors,
+        and those written out for each element (``TensorStatistics.per_element``)."""
+        rule, static, param, grad, slots, _, master, decay_mask, grad_mask, scalars = args
+        inputs = (rule, static, param, grad, slots, master, decay_mask, grad_mask, scalars)
+        terms = self.runner(shard_tensor_terms, shard_tensor_terms, *inputs)
+        sums = terms.sum(1, keepdim=True)
+        per_tensor = rule.tensor_factors(sums, scalars[:-ENGINE_SCALARS], static)
+        factors = per_tensor.new_zeros(per_tensor.shape[0], param.numel())
+        factors[:, :] = per_tensor.expand(-1, param.numel())
+        return factors
 
 
 def torch_step(
@@ -454,9 +478,6 @@ def benchmark(args: argparse.Namespace, clock: Callable[[], float]) -> list[Row]
     rows = []
     for log2_numel in args.log2_numel:
         for member in members:
-            if hasattr(member.rule, "TENSOR_STATS"):
-                print(f"{member.name}: skipped (Note [per-tensor statistics])", file=sys.stderr)
-                continue
             rows.append(
                 benchmark_member(member, reference, 2**log2_numel, device, args.seconds, clock)
             )
