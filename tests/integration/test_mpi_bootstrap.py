@@ -124,9 +124,11 @@ def test_mpirun_script_passes_overrides_and_one_run_dir_to_every_rank(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert reports(done.stdout) == {0: (2, 0, 1), 1: (2, 1, 1)}
-    args = re.findall(r"rank \d args (.*)", done.stdout)
+    args = re.findall(r"rank \d args (\[.*?\])", done.stdout)  # (lines may be cut, see below)
     assert args == ["['trainer.steps=5', 'optimizer.learning_rate=3e-4']"] * 2, done.stdout
     # configs/config.yaml's hydra.run.dir reads it: one directory, chosen once, for every rank.
-    run_dirs = re.findall(r"rank \d run dir (.*)", done.stdout)
+    # mpiexec forwards each rank's output in chunks that may cut a line: rank 0's newline can
+    # come after rank 1's line, so the directory is read up to its last digit.
+    run_dirs = re.findall(r"rank \d run dir (outputs/[0-9-]+/[0-9-]+)", done.stdout)
     assert len(run_dirs) == 2 and run_dirs[0] == run_dirs[1], done.stdout
     assert re.fullmatch(r"outputs/[0-9-]+/[0-9-]+", run_dirs[0]), run_dirs[0]
