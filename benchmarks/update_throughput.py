@@ -18,14 +18,15 @@ fp32 shard of each size:
     from ours, in each form this torch has for the device: fused, foreach, and the
     single-tensor loop (foreach=False, the CPU default): ``step()`` on one parameter whose
     gradient was set once. The peer is torch's fastest form. A member torch lacks (Lion,
-    Ftrl) has our compiled Adam as its peer instead.
+    Ftrl, Lamb) has our compiled Adam as its peer instead.
 A round calls every case in turn (the order rotating); each ratio is the peer's time over
 ours within one round (a throughput ratio), reported as the median over rounds with the
 interquartile range. A 2048^2 matmul before and after each member shows how fast the machine
 was at the time.
 
 A new member of the family is benchmarked with no change here (against our Adam); give it an
-entry in ``TORCH_PEERS`` where torch has the algorithm. A rule with per-tensor statistics
+entry in ``TORCH_PEERS`` where torch has the algorithm (``torch.optim.Adafactor`` for
+Adafactor). A rule with per-tensor statistics
 (``TENSOR_STATS``: Lamb) runs the engine's statistics pass before its update, as in one process
 on a shard that is one whole tensor.
 """
