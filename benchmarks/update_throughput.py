@@ -53,18 +53,23 @@ import torch
 from torch import Tensor
 
 import shardadam
+from shardadam.factored import FactoredLayout
 from shardadam.functional import (
     ENGINE_SCALARS,
     engine_scalars,
     host_scalar,
+    shard_row_col_terms,
     shard_step_,
     shard_step_inplace_,
     shard_tensor_terms,
 )
 from shardadam.kernels import UpdateRunner
+from shardadam.layout import build_layout
 from shardadam.rule_groups import evaluated, hyperparameters_of
 
 DTYPE = torch.float32
+FACTORED_COLUMNS = 1024
+"""A factored rule (Adafactor) updates one matrix of this many columns."""
 MIN_ROUNDS = 15
 
 MEMBER_ARGUMENTS: dict[str, dict[str, Any]] = {"SGD": {"momentum": 0.9}}
@@ -191,6 +196,14 @@ class OurUpdate:
             k: torch.tensor(v, dtype=DTYPE) for k, v in getattr(rule, "CARRY", {}).items()
         }
         self.step = 0
+        self.factored = None
+        if hasattr(rule, "FACTORED_SLOTS"):  # a factored rule: one matrix of FACTORED_COLUMNS
+            shape = (numel // FACTORED_COLUMNS, FACTORED_COLUMNS)
+            self.factored = FactoredLayout(build_layout([shape], ["w"], 1, 1), 0, device)
+            self.rows_columns = (
+                torch.zeros(self.factored.numel["rows"], dtype=DTYPE, device=device),
+                torch.zeros(self.factored.numel["columns"], dtype=DTYPE, device=device),
+            )
         self.preformed = self.scalars()
 
     def scalars(self) -> tuple[Tensor, Tensor]:
@@ -215,6 +228,8 @@ class OurUpdate:
             device_scalars,
         )  # fmt: skip
         factors = (self.tensor_factors(args),) if hasattr(rule, "TENSOR_STATS") else ()
+        if self.factored is not None:
+            factors = (torch.cat([self.pre_factors, factors[0]]),)
         eager = functools.partial(shard_step_inplace_, host_scalars=host_scalars, grad_scale=None)
         self.runner(shard_step_, eager, *args, *factors)
 
@@ -225,12 +240,34 @@ class OurUpdate:
         and those written out for each element (``TensorStatistics.per_element``)."""
         rule, static, param, grad, slots, _, master, decay_mask, grad_mask, scalars = args
         inputs = (rule, static, param, grad, slots, master, decay_mask, grad_mask, scalars)
-        terms = self.runner(shard_tensor_terms, shard_tensor_terms, *inputs)
+        extra = ()
+        if self.factored is not None:
+            self.pre_factors = self.factored_factors(inputs)
+            extra = (self.pre_factors,)
+        terms = self.runner(shard_tensor_terms, shard_tensor_terms, *inputs, *extra)
         sums = terms.sum(1, keepdim=True)
-        per_tensor = rule.tensor_factors(sums, scalars[:-ENGINE_SCALARS], static)
+        per_tensor = rule.tensor_factors(
+            sums, sums.new_tensor([float(param.numel())]), scalars[:-ENGINE_SCALARS], static
+        )
         factors = per_tensor.new_zeros(per_tensor.shape[0], param.numel())
         factors[:, :] = per_tensor.expand(-1, param.numel())
         return factors
+
+    def factored_factors(self, inputs: tuple) -> Tensor:
+        """What the engine does first for a factored rule (``ShardUpdater._factored_factors``)
+        where the shard is one whole matrix: its rows and columns advanced from the rule's
+        terms, then each element's estimate and the mask of factored elements."""
+        rule, static, scalars, layout = inputs[0], inputs[1], inputs[-1], self.factored
+        terms = self.runner(shard_row_col_terms, shard_row_col_terms, *inputs)
+        row_means, col_means = layout.means(*layout.row_col_sums(terms))
+        own = scalars[:-ENGINE_SCALARS]
+        r, c = rule.factored_state(*self.rows_columns, row_means, col_means, own, static)
+        rows, columns = rule.factored_values(
+            r, c, layout.per_row(layout.matrix_sums(r)), own, static
+        )
+        self.rows_columns = (r, c)
+        estimate = layout.outer(rows, columns, r.numel() * FACTORED_COLUMNS)
+        return torch.stack([estimate, layout.mask(estimate.numel(), estimate.dtype)])
 
 
 def torch_step(

@@ -5,6 +5,7 @@ from .optimizer import ShardedOptimizer
 from .optimizers import (
     FAMILY,
     ShardedAdadelta,
+    ShardedAdafactor,
     ShardedAdagrad,
     ShardedAdam,
     ShardedAdamax,
@@ -28,6 +29,7 @@ __all__ = [
     "ShardedAdamax",
     "ShardedFtrl",
     "ShardedLamb",
+    "ShardedAdafactor",
     "ShardedLion",
     "ShardedNadam",
     "ShardedOptimizer",

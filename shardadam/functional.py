@@ -178,17 +178,54 @@ def shard_tensor_terms(
     decay_mask: Tensor | None,
     grad_mask: Tensor | None,
     scalars: Tensor,
+    factors: Tensor | None = None,
 ) -> Tensor:
     """A per-tensor rule's elementwise terms ``[len(rule.TENSOR_STATS), shard numel]`` for this
     step, on the clipped gradient and the decayed weights as ``shard_step_`` forms them; zero
-    where the parameter had no gradient. Pure: nothing changes."""
-    s = EngineScalars(*scalars[-ENGINE_SCALARS:].unbind(0))
-    weights = param if master is None else master
-    _, g, decayed = _processed(s, weights, grad, decay_mask)
-    terms = rule.tensor_terms(decayed, g, slots, scalars[:-ENGINE_SCALARS], static)
+    where the parameter had no gradient. ``factors``: a factored rule's values of each element
+    (Note [factored state] in ``factored``). Pure: nothing changes."""
+    extra = () if factors is None else (factors,)
+    terms = _rule_terms(
+        rule.tensor_terms, static, param, grad, slots, master, decay_mask, scalars, extra
+    )
     if grad_mask is not None:
         terms = torch.where(grad_mask, terms, torch.zeros_like(terms))
     return terms
+
+
+def shard_row_col_terms(
+    rule: Any,
+    static: tuple,
+    param: Tensor,
+    grad: Tensor,
+    slots: tuple[Tensor, ...],
+    master: Tensor | None,
+    decay_mask: Tensor | None,
+    grad_mask: Tensor | None,
+    scalars: Tensor,
+) -> Tensor:
+    """A factored rule's elementwise terms ``[shard numel]`` whose means over each row and
+    column feed its factored state, formed as ``shard_tensor_terms`` forms its terms. Pure."""
+    return _rule_terms(
+        rule.row_col_terms, static, param, grad, slots, master, decay_mask, scalars, ()
+    )
+
+
+def _rule_terms(
+    terms: Any,
+    static: tuple,
+    param: Tensor,
+    grad: Tensor,
+    slots: tuple[Tensor, ...],
+    master: Tensor | None,
+    decay_mask: Tensor | None,
+    scalars: Tensor,
+    extra: tuple,
+) -> Tensor:
+    s = EngineScalars(*scalars[-ENGINE_SCALARS:].unbind(0))
+    weights = param if master is None else master
+    _, g, decayed = _processed(s, weights, grad, decay_mask)
+    return terms(decayed, g, slots, scalars[:-ENGINE_SCALARS], static, *extra)
 
 
 def shard_step_inplace_(

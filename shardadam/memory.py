@@ -22,7 +22,8 @@ def memory_report(
 ) -> dict[str, int]:
     """Bytes this rank holds, by kind, and the most it held at once (``peak``).
 
-    ``slots`` sums the update rule's state (whatever slots the rule keeps), of which
+    ``slots`` sums the update rule's state (whatever slots the rule keeps, a factored rule's
+    rows and columns included), of which
     ``moments`` are Adam's momentum and velocity and ``amsgrad_max`` its AMSGrad maxima;
     ``optimizer_state`` sums the sharded state (the rule's slots, EMA, fp32 master);
     ``grad_shards`` the reduced gradient shards with storage of their own (stage 2);
@@ -38,7 +39,9 @@ def memory_report(
     report = {
         "moments": _nbytes(s.slots.get(k) for s in shard_states for k in (MOMENTUM, VELOCITY)),
         "amsgrad_max": _nbytes(s.slots.get(VELOCITY_HAT) for s in shard_states),
-        "slots": _nbytes(t for s in shard_states for t in s.slots.values()),
+        "slots": _nbytes(
+            t for s in shard_states for t in [*s.slots.values(), *s.factored.values()]
+        ),
         "ema": _nbytes(s.ema for s in shard_states),
         "master_weights": _nbytes(s.master for s in shard_states),
         "grad_shards": _nbytes(b.shard_grad for b in buffers if not b.keep_full_grad),

@@ -11,7 +11,19 @@ from typing import Any
 import torch
 
 from .optimizer import ShardedOptimizer
-from .rules import adadelta, adagrad, adam, adamax, ftrl, lamb, lion, nadam, rmsprop, sgd
+from .rules import (
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adamax,
+    ftrl,
+    lamb,
+    lion,
+    nadam,
+    rmsprop,
+    sgd,
+)
 from .state import AVERAGE, MOMENTUM, VELOCITY, VELOCITY_HAT
 
 
@@ -199,6 +211,7 @@ ShardedNadam = _member(nadam)
 ShardedFtrl = _member(ftrl)
 ShardedLion = _member(lion)
 ShardedLamb = _member(lamb)
+ShardedAdafactor = _member(adafactor)
 ShardedSGD = _member(sgd)
 ShardedRMSprop = _member(rmsprop)
 ShardedAdagrad = _member(adagrad)
@@ -218,6 +231,7 @@ FAMILY: dict[str, type] = {
         ShardedFtrl,
         ShardedLion,
         ShardedLamb,
+        ShardedAdafactor,
     )
 }
 """Keras's class name -> the sharded optimizer that follows it."""

@@ -15,6 +15,7 @@ from torch import Tensor
 from .buffers import FlatBuffer
 from .comm import Communicator
 from .config import OptimizerOptions, ShardingOptions
+from .factored import FactoredStatistics
 from .functional import refresh_master_
 from .layout import build_layout
 from .rule_groups import hyperparameters_of
@@ -62,6 +63,10 @@ class ShardedParams:
         self.buffer_groups: list[int] = []
         self.position_of: dict[int, tuple[int, int]] = {}
         self.param_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self.factored = (
+            FactoredStatistics(comm, self.buffers) if hasattr(rule, "FACTORED_SLOTS") else None
+        )
+        """A factored rule's rows and columns of each buffer (Note [factored state])."""
 
     def add_group(
         self, group_index: int, group: dict[str, Any], names: list[str], ema_started: bool
@@ -96,7 +101,8 @@ class ShardedParams:
     def bind(self, buffer_index: int) -> None:
         """Point ``param_state[p]`` at views of the shard state (what this rank owns of p)."""
         buffer, shard_state = self.buffers[buffer_index], self.shard_states[buffer_index]
-        bind_param_state(self.param_state, buffer, shard_state, self.prefix)
+        layout = None if self.factored is None else self.factored.layout(buffer_index)
+        bind_param_state(self.param_state, buffer, shard_state, self.prefix, layout)
 
     def slots(self, buffer_index: int, wanted: dict[str, float]) -> tuple[Tensor, ...]:
         """The buffer's shard slots named in ``wanted`` ({name: initial value}), in its order;
@@ -220,4 +226,6 @@ class ShardedParams:
         if self.use_ema:
             weights = buffer.shard_param if state.master is None else state.master
             state.ema = weights.to(dtype, copy=True) if ema_started else zeros()
+        if self.factored is not None:
+            state.factored = self.factored.new_state(self.buffers.index(buffer), dtype)
         return state

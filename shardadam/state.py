@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .buffers import FlatBuffer
 from .comm import Communicator
+from .factored import FactoredLayout, factored_shapes, is_factored, owned, touched
 from .layout import Range
 
 # Names of the per-parameter state entries (after the "<name>/" prefix), as Keras names them.
@@ -38,6 +39,9 @@ class ShardState:
     ema: Tensor | None = None
     master: Tensor | None = None
     """fp32 copy of a low-precision shard; the update runs on it."""
+    factored: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    """A factored rule's row and column state of the shard's pieces (Note [factored state]
+    in ``factored``), by kind; not shaped like the shard."""
 
     def entries(self) -> dict[str, Tensor]:
         named = {**self.slots, AVERAGE: self.ema, MASTER: self.master}
@@ -56,10 +60,16 @@ class ShardState:
 
 
 def bind_param_state(
-    state: dict[Tensor, dict[str, Any]], buffer: FlatBuffer, shard_state: ShardState, prefix: str
+    state: dict[Tensor, dict[str, Any]],
+    buffer: FlatBuffer,
+    shard_state: ShardState,
+    prefix: str,
+    factored: FactoredLayout | None = None,
 ) -> None:
     """Point ``state[p]`` (the optimizer's ``self.state``) at views of the shard state: what
-    this rank owns of each parameter of ``buffer``, under ``"<prefix>/<kind>"``."""
+    this rank owns of each parameter of ``buffer``, under ``"<prefix>/<kind>"``; a factored
+    rule's rows and columns (``factored``: where they sit) shaped as Keras's variables for a
+    whole parameter, else flat: the rows and columns its elements touch."""
     for span, p in zip(buffer.layout.params, buffer.params):
         piece = buffer.piece_of(span.index)
         entry: dict[str, Any] = {}
@@ -71,6 +81,12 @@ def bind_param_state(
             if not whole:
                 entry[f"{prefix}/{OWNED_RANGE}"] = (piece.param.start, piece.param.end)
         state[p] = entry
+    for piece in factored.pieces if factored is not None else ():
+        entry = state[buffer.params[piece.param_index]]
+        shapes = factored_shapes(piece.shape)
+        for kind, entries in (("r", piece.rows), ("c", piece.columns)):
+            view = shard_state.factored[kind][entries.slice]
+            entry[f"{prefix}/{kind}"] = view.view(shapes[kind]) if piece.whole else view
 
 
 def saved_shard_pieces(
@@ -98,6 +114,43 @@ def saved_shard_pieces(
             if source is not None:
                 source = _owned_piece(source, saved, saved_name, span, piece.param)
             yield kind, piece.local, source
+
+
+def saved_factored_pieces(
+    buffer: FlatBuffer,
+    factored: FactoredLayout,
+    saved_state: dict[int, dict[str, Any]],
+    saved_name: str,
+    index_of: dict[int, int],
+) -> Iterator[tuple[str, Range, Tensor]]:
+    """(kind, entries of the rank's vector of that kind, saved values) of a factored rule's
+    row and column state, for each factored piece this rank holds; raises on what is missing
+    or does not fit (Note [factored state] in ``factored``)."""
+    for piece in factored.pieces:
+        span = buffer.layout.params[piece.param_index]
+        saved = saved_state.get(index_of[id(buffer.params[piece.param_index])], {})
+        shapes, wanted = factored_shapes(span.shape), touched(span.shape, piece.elements)
+        for kind, entries in (("r", piece.rows), ("c", piece.columns)):
+            source = saved.get(f"{saved_name}/{kind}")
+            if source is None:
+                raise ValueError(
+                    f"the state_dict has no '{saved_name}/{kind}' for parameter "
+                    f"'{span.name}' (shape {span.shape}), which this optimizer needs"
+                )
+            if saved.get(f"{saved_name}/{OWNED_RANGE}") is None:  # the whole tensor's
+                if tuple(source.shape) != shapes[kind]:
+                    raise ValueError(
+                        f"'{saved_name}/{kind}' for parameter '{span.name}' has shape "
+                        f"{tuple(source.shape)} in the state_dict but {shapes[kind]} is "
+                        f"expected for a parameter of shape {span.shape}"
+                    )
+                source = source.reshape(-1)[wanted[kind].slice]
+            elif source.numel() != entries.numel:  # the owned range was checked with the slots
+                raise ValueError(
+                    f"'{saved_name}/{kind}' for parameter '{span.name}' holds {source.numel()} "
+                    f"values in the state_dict but this rank keeps {entries.numel}"
+                )
+            yield kind, entries, source.reshape(-1)
 
 
 def check_saved_accumulators(
@@ -165,9 +218,11 @@ def consolidate_state_dict(
     params: list[Tensor],
     prefix: str,
     to_rank: int,
+    factored: list[FactoredLayout | None] | None = None,
 ) -> dict[str, Any] | None:
     """Collective: turn this rank's ``full`` state_dict into the one a single process would
-    hold, on rank ``to_rank`` (None on the others). ``params``: in optimizer order.
+    hold, on rank ``to_rank`` (None on the others). ``params``: in optimizer order;
+    ``factored``: per buffer, where a factored rule's rows and columns sit.
 
     Streams one buffer and one kind of state at a time (each message at most a bucket), never
     the whole model's state at once. Accumulated gradients become the mean of the ranks' local
@@ -183,6 +238,11 @@ def consolidate_state_dict(
             for span, p in zip(buffer.layout.params, buffer.params):
                 entry = state.setdefault(index_of[id(p)], {})
                 entry[f"{prefix}/{key}"] = gathered[span.flat.slice].view(span.shape).clone()
+    for buffer, layout, shard_state in zip(buffers, factored or [], shard_states):
+        if layout is not None:
+            _consolidate_factored(
+                state, comm, buffer, layout, shard_state, index_of, prefix, to_rank
+            )
     # Ranks accumulated gradients for different parameters: reduce those of any rank.
     accumulator = f"{prefix}/{ACCUMULATOR}"
     device = params[0].device if params else None
@@ -200,3 +260,32 @@ def consolidate_state_dict(
     full["state"] = state
     full["shardadam"]["world_size"] = 1
     return full
+
+
+def _consolidate_factored(
+    state: dict[int, dict[str, Any]],
+    comm: Communicator,
+    buffer: FlatBuffer,
+    layout: FactoredLayout,
+    shard_state: ShardState,
+    index_of: dict[int, int],
+    prefix: str,
+    to_rank: int,
+) -> None:
+    """Collective: each factored parameter's whole row and column state on ``to_rank``, each
+    entry from the rank that holds its row's (matrix's) first element."""
+    pieces = {p.param_index: p for p in layout.pieces}
+    for span, p in zip(buffer.layout.params, buffer.params):
+        if not is_factored(span.shape):
+            continue
+        for kind, shape in factored_shapes(span.shape).items():
+            whole = shard_state.factored[kind].new_zeros(shape).view(-1)
+            piece = pieces.get(span.index)
+            if piece is not None:
+                held = touched(span.shape, piece.elements)[kind]
+                mine = owned(span.shape, piece.elements)[kind]
+                local = piece.rows if kind == "r" else piece.columns
+                start = local.start + mine.start - held.start
+                whole[mine.slice] = shard_state.factored[kind][start : start + mine.numel]
+            comm.reduce_sum_to_(whole, to_rank)
+            state.setdefault(index_of[id(p)], {})[f"{prefix}/{kind}"] = whole.view(shape)

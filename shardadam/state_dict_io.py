@@ -31,6 +31,7 @@ from .state import (
     consolidate_state_dict,
     rule_carry,
     saved_accumulators,
+    saved_factored_pieces,
     saved_shard_pieces,
 )
 
@@ -107,7 +108,17 @@ class StateDictIO:
         params = [p for g in param_groups for p in g["params"]]
         buffers, shard_states = self.sharded.buffers, self.sharded.shard_states
         prefix = self.options.name
-        return consolidate_state_dict(full, comm, buffers, shard_states, params, prefix, to_rank)
+        factored = self._factored_layouts()
+        return consolidate_state_dict(
+            full, comm, buffers, shard_states, params, prefix, to_rank, factored
+        )
+
+    def _factored_layouts(self) -> list | None:
+        """Per buffer, where a factored rule's rows and columns sit (None for another rule)."""
+        stats = self.sharded.factored
+        return (
+            None if stats is None else [stats.layout(b) for b in range(len(self.sharded.buffers))]
+        )
 
     def check(self, state_dict: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
         """Raise what loading ``state_dict`` would refuse, changing nothing (not a collective:
@@ -146,6 +157,12 @@ class StateDictIO:
             kinds = self._state_kinds(b, hyperparameters_of(self.rule, merged))
             for _ in saved_shard_pieces(buffer, kinds, saved_state, extra["name"], index_of):
                 pass
+            if self.sharded.factored is not None:
+                layout = self.sharded.factored.layout(b)
+                for _ in saved_factored_pieces(
+                    buffer, layout, saved_state, extra["name"], index_of
+                ):
+                    pass
         check_saved_accumulators(self.sharded.buffers, saved_state, extra["name"], index_of)
         for i, (group, saved) in enumerate(zip(param_groups, saved_groups)):
             merged = {**group, **{k: v for k, v in saved.items() if k in group}}
@@ -251,6 +268,12 @@ class StateDictIO:
                 if source is None:  # no fp32 master saved: start it from the parameters
                     source = buffer.shard_param[local.slice]
                 entries[kind][local.slice].copy_(source)
+            if sharded.factored is not None:
+                layout = sharded.factored.layout(b)
+                for kind, local, source in saved_factored_pieces(
+                    buffer, layout, saved_state, saved_name, index_of
+                ):
+                    shard_state.factored[kind][local.slice].copy_(source)
             sharded.bind(b)
             if not self.reducer.starts_cycle:  # within a cycle: this rank's local sums
                 sums = saved_accumulators(buffer, saved_state, saved_name, index_of)

@@ -43,6 +43,12 @@ class TensorStatistics:
         return sums
 
     @staticmethod
+    def sizes(buffer: FlatBuffer, dtype: torch.dtype) -> Tensor:
+        """``[tensors]``: each tensor's element count, for rules that need means."""
+        counts = [float(span.flat.numel) for span in buffer.layout.params]
+        return torch.tensor(counts, dtype=dtype, device=buffer.device)
+
+    @staticmethod
     def per_element(buffer: FlatBuffer, per_tensor: Tensor) -> Tensor:
         """``[j, shard numel]``: each element's value of ``per_tensor`` (``[j, tensors]``),
         0 on padding."""

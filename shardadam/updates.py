@@ -24,6 +24,7 @@ from .functional import (
     GRAD_SCALE_FROM_END,
     engine_scalars,
     host_scalar,
+    shard_row_col_terms,
     shard_step_,
     shard_step_inplace_,
     shard_tensor_terms,
@@ -77,6 +78,8 @@ class ShardUpdater:
         Keras keeps it; empty dicts for a rule without any."""
         self.next_carry: dict[int, dict[str, Tensor]] = {}
         """Per group, what its carry becomes once this step's update is applied."""
+        self.absent: list[set[int]] = []
+        """Per buffer, the parameters without a gradient at this step (``prepare_grads``)."""
 
     def prepare_grads(self, present: list[list[int]]) -> list[Tensor | None]:
         """Unscale and average the accumulated shard gradients; the masks of present ones
@@ -89,6 +92,9 @@ class ShardUpdater:
         steps = self.options.gradient_accumulation_steps
         divisor = (self.options.loss_scale_factor or 1.0) * (steps or 1)
         masks = []
+        self.absent = [
+            set(range(len(b.params))) - set(h) for b, h in zip(self.sharded.buffers, present)
+        ]
         for buffer, have in zip(self.sharded.buffers, present):
             mask = None if len(have) == len(buffer.params) else buffer.shard_mask(have)
             if divisor != 1.0:
@@ -173,27 +179,70 @@ class ShardUpdater:
         calls = self._kernel_calls(scalars, grad_masks, grad_scale)
         if self.tensor_stats is None:
             return [self.runner(shard_step_, eager, *args) for eager, args in calls]
-        factors = self._tensor_factors(calls)
+        factored = None if self.sharded.factored is None else self._factored_factors(calls)
+        factors = self._tensor_factors(calls, factored)
         return [
             self.runner(shard_step_, eager, *args, f) for (eager, args), f in zip(calls, factors)
         ]
 
-    def _tensor_factors(self, calls: list[tuple[Any, tuple]]) -> list[Tensor]:
+    def _tensor_factors(
+        self, calls: list[tuple[Any, tuple]], factored: list[Tensor] | None
+    ) -> list[Tensor]:
         """Note [per-tensor statistics] (in ``functional``): per buffer, each element's factors
-        from the rule's terms summed over its tensor on every rank (one all-reduce)."""
+        from the rule's terms summed over its tensor on every rank (one all-reduce); after a
+        factored rule's own (``factored``), which its terms read too."""
         terms = []
-        for _, args in calls:
-            rule, static, param, grad, slots, _ema, master, decay_mask, grad_mask, device = args
-            inputs = (rule, static, param, grad, slots, master, decay_mask, grad_mask, device)
-            terms.append(self.runner(shard_tensor_terms, shard_tensor_terms, *inputs))
+        for b, (_, args) in enumerate(calls):
+            extra = () if factored is None else (factored[b],)
+            inputs = _terms_inputs(args)
+            terms.append(self.runner(shard_tensor_terms, shard_tensor_terms, *inputs, *extra))
         sums = self.tensor_stats.sum_per_tensor(terms)
         factors = []
-        for buffer, per_tensor, (_, args) in zip(self.sharded.buffers, sums, calls):
+        for b, (buffer, per_tensor, (_, args)) in enumerate(zip(self.sharded.buffers, sums, calls)):
             static, device_scalars = args[1], args[-1]
+            sizes = self.tensor_stats.sizes(buffer, per_tensor.dtype)
             per_tensor = self.rule.tensor_factors(
-                per_tensor, device_scalars[:-ENGINE_SCALARS], static
+                per_tensor, sizes, device_scalars[:-ENGINE_SCALARS], static
             )
-            factors.append(self.tensor_stats.per_element(buffer, per_tensor))
+            per_element = self.tensor_stats.per_element(buffer, per_tensor)
+            factors.append(
+                per_element if factored is None else torch.cat([factored[b], per_element])
+            )
+        return factors
+
+    def _factored_factors(self, calls: list[tuple[Any, tuple]]) -> list[Tensor]:
+        """Note [factored state] (in ``factored``): advance each buffer's row and column state
+        from the means of the rule's terms (one all-reduce), then per element the product of
+        its row's and column's values (the rows' matrix means: one more) and a 0/1 mask of the
+        factored elements, ``[2, shard numel]``. Parameters without a gradient keep theirs."""
+        stats = self.sharded.factored
+        terms = [
+            self.runner(shard_row_col_terms, shard_row_col_terms, *_terms_inputs(args))
+            for _, args in calls
+        ]
+        means = stats.row_col_means(terms)
+        new_state = []
+        for b, ((row_means, col_means), (_, args)) in enumerate(zip(means, calls)):
+            state, layout = self.sharded.shard_states[b].factored, stats.layout(b)
+            rule_scalars = args[-1][:-ENGINE_SCALARS]
+            r, c = self.rule.factored_state(
+                state["r"], state["c"], row_means, col_means, rule_scalars, args[1]
+            )
+            layout.keep_(self.absent[b], r, state["r"], "rows")
+            layout.keep_(self.absent[b], c, state["c"], "columns")
+            new_state.append((r, c))
+        matrix_means = stats.matrix_means([r for r, _ in new_state])
+        factors = []
+        for b, ((r, c), r_means, (_, args)) in enumerate(zip(new_state, matrix_means, calls)):
+            state, layout = self.sharded.shard_states[b].factored, stats.layout(b)
+            numel = self.sharded.buffers[b].shard.numel
+            rows, columns = self.rule.factored_values(
+                r, c, r_means, args[-1][:-ENGINE_SCALARS], args[1]
+            )
+            estimate = layout.outer(rows, columns, numel)
+            factors.append(torch.stack([estimate, layout.mask(numel, estimate.dtype)]))
+            state["r"].copy_(r)
+            state["c"].copy_(c)
         return factors
 
     def _kernel_calls(
@@ -264,3 +313,9 @@ class ShardUpdater:
             for g in range(len(self.param_groups))
         ]
         self.next_carry = {}
+
+
+def _terms_inputs(args: tuple) -> tuple:
+    """``shard_step_``'s arguments as the terms kernels take them (no EMA)."""
+    rule, static, param, grad, slots, _ema, master, decay_mask, grad_mask, scalars = args
+    return (rule, static, param, grad, slots, master, decay_mask, grad_mask, scalars)

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import comm
+from ..factored import factored_shapes, touched
+from ..layout import Range
 from ..optimizer import ShardedOptimizer
 from ..state import ACCUMULATOR, OWNED_RANGE
 from .collective import communicator, everywhere
@@ -201,6 +203,7 @@ def _read_optimizer(
     kinds = sorted(
         {key.split("/", 2)[1] for key in body["tensors"] if key.startswith("optimizer/")}
     )
+    factored_kinds = getattr(optimizer.RULE, "FACTORED_SLOTS", ())
     state: dict[int, dict[str, Any]] = {}
     for i, (name, p) in enumerate(zip(names, params)):
         owned = optimizer.owned_range(p)
@@ -209,9 +212,15 @@ def _read_optimizer(
             entry[f"{prefix}/{OWNED_RANGE}"] = owned
             for kind in kinds:
                 key = f"optimizer/{kind}/{name}"
-                if key in body["tensors"]:
-                    _check_shape(reader, key, name, p.shape)
-                    entry[f"{prefix}/{kind}"] = reader.read(key, *owned)
+                if key not in body["tensors"]:
+                    continue
+                if kind in factored_kinds:  # the rows or columns this rank's elements touch
+                    _check_shape(reader, key, name, factored_shapes(tuple(p.shape))[kind])
+                    held = touched(tuple(p.shape), Range(*owned))[kind]
+                    entry[f"{prefix}/{kind}"] = reader.read(key, held.start, held.end)
+                    continue
+                _check_shape(reader, key, name, p.shape)
+                entry[f"{prefix}/{kind}"] = reader.read(key, *owned)
         sums = _read_accumulator(reader, saved["accumulator_ranks"], name, p, channel)
         if sums is not None:
             entry[f"{prefix}/{ACCUMULATOR}"] = sums

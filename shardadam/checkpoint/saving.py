@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import comm
+from ..factored import factored_shapes, owned, touched
+from ..layout import Range
 from ..optimizer import ShardedOptimizer
 from ..state import ACCUMULATOR, OWNED_RANGE
 from . import fs
@@ -171,15 +173,19 @@ class _SavePlan:
         params = params_of(optimizer)
         steps = optimizer.options.gradient_accumulation_steps
         mid_cycle = bool(steps) and extra["micro_steps"] % steps != 0
+        factored_kinds = getattr(optimizer.RULE, "FACTORED_SLOTS", ())
         for i, entry in state_dict["state"].items():
-            owned = entry.get(f"{prefix}/{OWNED_RANGE}", (0, params[i].numel()))
+            owned_range = entry.get(f"{prefix}/{OWNED_RANGE}", (0, params[i].numel()))
             for entry_key, values in entry.items():
                 kind = entry_key.removeprefix(f"{prefix}/")
                 if kind in (OWNED_RANGE, ACCUMULATOR):
                     continue  # sharded state only: the rule's slots, the EMA, the master
                 key = f"optimizer/{kind}/{names[i]}"
+                if kind in factored_kinds:
+                    self._add_factored(key, kind, params[i].shape, owned_range, values)
+                    continue
                 self._describe(key, params[i].shape, values.dtype)
-                self.records.append(_Record(key, owned[0], values.detach().reshape(-1)))
+                self.records.append(_Record(key, owned_range[0], values.detach().reshape(-1)))
         for rank in range(channel.world_size if mid_cycle else 0):
             for i, p in enumerate(params):
                 key = f"accumulator/{rank}/{names[i]}"
@@ -209,6 +215,20 @@ class _SavePlan:
             "state": counters,
             "accumulator_ranks": channel.world_size if mid_cycle else 0,
         }
+
+    def _add_factored(
+        self, key: str, kind: str, shape: Any, owned_range: tuple[int, int], values: Tensor
+    ) -> None:
+        """A factored rule's rows or columns (Note [factored state] in ``factored``): this rank
+        holds those its elements touch and writes those whose first element it holds, so that
+        each entry is in one rank's file."""
+        elements = Range(*owned_range)
+        held, mine = touched(shape, elements)[kind], owned(shape, elements)[kind]
+        self._describe(key, factored_shapes(shape)[kind], values.dtype)
+        flat = values.detach().reshape(-1)
+        if mine.numel > 0:
+            start = mine.start - held.start
+            self.records.append(_Record(key, mine.start, flat[start : start + mine.numel]))
 
     def write(self, partial: Path, rank: int) -> dict[str, Any]:
         """Write this rank's file (fsync'ed); returns its part of the manifest."""

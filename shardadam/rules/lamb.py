@@ -94,7 +94,7 @@ def tensor_terms(
     return torch.stack([weights * weights, u * u])
 
 
-def tensor_factors(sums: Tensor, scalars: Tensor, static: tuple) -> Tensor:
+def tensor_factors(sums: Tensor, sizes: Tensor, scalars: Tensor, static: tuple) -> Tensor:
     """The trust ratio of each tensor, ``[1, tensors]``, from the sums ``[2, tensors]``."""
     w_norm, u_norm = torch.sqrt(sums[0]), torch.sqrt(sums[1])
     one = torch.ones_like(w_norm)

@@ -46,6 +46,12 @@ OWN_ARGUMENTS = {
     },
     "Lion": {"beta_1": 0.8, "beta_2": 0.95},
     "Lamb": {"beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-5},
+    "Adafactor": {
+        "beta_2_decay": -0.6,
+        "epsilon_1": 1e-20,
+        "epsilon_2": 1e-2,
+        "clip_threshold": 0.1,
+    },
 }
 
 BASE_CASES = {

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from shardadam.factored import FactoredLayout, factored_shapes, is_factored
 from shardadam.kernels import compile_function
+from shardadam.layout import build_layout
 
 RTOL, ATOL = 1e-5, 1e-6
 _compiled: dict[tuple[str, tuple], Any] = {}
@@ -58,6 +60,9 @@ def keras_weights(
             for v in optimizer.variables
             if v.name.startswith("w_")
         )
+        if hasattr(rule, "FACTORED_SLOTS") and is_factored(tuple(init.shape)):
+            for name, variables in zip(rule.FACTORED_SLOTS, (optimizer._r, optimizer._c)):
+                slots_out[name] = torch.as_tensor(keras.ops.convert_to_numpy(variables[0]))
     return history
 
 
@@ -80,6 +85,13 @@ def rule_weights(
     static = rule.static(full)
     carry = {k: torch.tensor(v, dtype=dtype) for k, v in getattr(rule, "CARRY", {}).items()}
     lr = torch.tensor(learning_rate, dtype=dtype)
+    factored, factored_state = None, None
+    if hasattr(rule, "FACTORED_SLOTS"):
+        factored = FactoredLayout(build_layout([tuple(init.shape)], ["w"], 1, 1), 0, init.device)
+        factored_state = (
+            torch.zeros(factored.numel["rows"]),
+            torch.zeros(factored.numel["columns"]),
+        )
     update = rule.update
     if compiled:
         key = (rule.NAME, static)
@@ -94,9 +106,16 @@ def rule_weights(
             scalars = rule.scalars(full, lr, step, dtype)
         grad = g.reshape(-1).to(dtype).clone()
         extra = ()
+        if factored is not None:  # a factored rule: the engine's rows and columns, one rank
+            factored_state, pre = _factored_step(rule, factored, factored_state, weights, grad,
+                                                 slots, scalars, static)  # fmt: skip
+            extra = (pre,)
         if hasattr(rule, "TENSOR_STATS"):  # a per-tensor rule: here, one tensor
-            sums = rule.tensor_terms(weights, grad, slots, scalars, static).sum(1, keepdim=True)
-            extra = (rule.tensor_factors(sums, scalars, static).expand(-1, grad.numel()),)
+            terms = rule.tensor_terms(weights, grad, slots, scalars, static, *extra)
+            sums = terms.sum(1, keepdim=True)
+            sizes = torch.tensor([float(grad.numel())])
+            per_tensor = rule.tensor_factors(sums, sizes, scalars, static)
+            extra = (torch.cat([*extra, per_tensor.expand(-1, grad.numel())]),)
         if compiled:
             weights, slots = update(weights, grad, slots, scalars, static, *extra)
             slots = tuple(slots)
@@ -107,7 +126,24 @@ def rule_weights(
         slots_out.update(
             (name, t.reshape(init.shape).clone()) for name, t in zip(rule.slots(full), slots)
         )
+        if factored is not None and factored.pieces:
+            shapes = factored_shapes(tuple(init.shape))
+            for name, t in zip(rule.FACTORED_SLOTS, factored_state):
+                slots_out[name] = t.reshape(shapes[name]).clone()
     return history
+
+
+def _factored_step(rule, layout, state, weights, grad, slots, scalars, static):
+    """What the engine does for a factored rule before its per-tensor statistics (``ShardUpdater
+    ._factored_factors``), in one process: the new rows and columns, and ``[2, numel]``: each
+    element's factored estimate and the 0/1 mask of factored elements."""
+    terms = rule.row_col_terms(weights, grad, slots, scalars, static)
+    row_means, col_means = layout.means(*layout.row_col_sums(terms))
+    r, c = rule.factored_state(*state, row_means, col_means, scalars, static)
+    r_means = layout.per_row(layout.matrix_sums(r))
+    rows, columns = rule.factored_values(r, c, r_means, scalars, static)
+    estimate = layout.outer(rows, columns, grad.numel())
+    return (r, c), torch.stack([estimate, layout.mask(grad.numel(), estimate.dtype)])
 
 
 def assert_matches_keras(

@@ -43,7 +43,7 @@ def test_trust_ratio_is_one_where_a_norm_is_zero():
     """Keras's ratio: ||w|| / ||u||, and 1 where either is 0 (zero weights, a zero update)."""
     sums = torch.tensor([[4.0, 0.0, 9.0, 0.0], [1.0, 4.0, 0.0, 0.0]])
     scalars = lamb.scalars(lamb.HYPERPARAMETERS, torch.tensor(LR), 1, torch.float32)
-    ratio = lamb.tensor_factors(sums, scalars, ())
+    ratio = lamb.tensor_factors(sums, torch.full((4,), 3.0), scalars, ())
     torch.testing.assert_close(ratio, torch.tensor([[2.0, 1.0, 1.0, 1.0]]), rtol=0, atol=0)
 
 
