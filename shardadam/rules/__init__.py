@@ -61,6 +61,24 @@ A per-tensor rule, whose update needs statistics of each whole tensor (Lamb's tr
 ``update`` and ``update_`` then take a sixth argument, ``factors`` (``[j, n]``: each element's
 values of its own tensor; 0 on padding).
 
+A factored rule (Adafactor), whose state of each tensor of 2+ dims is one value per row and
+one per column of its last two axes (Note [factored state] in ``factored``), also defines:
+
+``FACTORED_SLOTS = ("r", "c")``
+    The names of its row state (shape[:-1]) and column state (shape[:-2] + shape[-1:]), 0 at
+    the start. The engine keeps on each rank the entries its shard's elements touch, flat.
+``row_col_terms(weights, grad, slots, scalars, static)``
+    Pure: the elementwise values ``[n]`` whose means over each row and each column it needs.
+``factored_state(r, c, row_means, col_means, scalars, static)``
+    Pure, on small tensors: the new ``(r, c)`` from those means (the engine's, whole tensors').
+``factored_values(r, c, r_matrix_means, scalars, static)``
+    Pure: ``(row values, column values)`` whose product is each element's estimate, from the
+    new state and each row's mean of r over its matrix's rows.
+It is per-tensor too: its ``tensor_terms`` and ``update`` receive the estimate and a 0/1 mask
+of the factored elements as the first two rows of ``factors`` (``[2, n]`` for the terms; the
+update's ``factors`` are those two rows followed by ``tensor_factors``'s). A step costs three
+small all-reduces: the row and column sums, the matrix means of r, the per-tensor sums.
+
 A rule with optimizer-wide state (Nadam's ``u_product``) also defines ``CARRY = {name: initial
 float}``; its ``scalars`` then takes a fifth argument, ``carry`` (``{name: 0-d tensor of
 dtype}``), and returns ``(packed, new_carry)``. The engine keeps, checkpoints and advances the
