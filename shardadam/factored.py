@@ -256,21 +256,24 @@ def _shared_entries(
     for index, m in numbered["matrices"]:
         column_start[(index, m)] = column_offset
         column_offset += layout.params[index].shape[-1]
-    for p in mine.pieces:
-        entries = touched(p.shape, p.elements)
-        for row in range(entries[ROWS].start, entries[ROWS].end):
-            if (p.param_index, row) in numbered["rows"]:
-                local["rows"].append(p.rows.start + row - entries[ROWS].start)
-                position["rows"].append(numbered["rows"][(p.param_index, row)])
-        first_matrix = entries[COLUMNS].start // p.cols
-        for m in range(first_matrix, entries[COLUMNS].end // p.cols):
-            if (p.param_index, m) in numbered["matrices"]:
-                local["matrices"].append(p.matrices.start + m - first_matrix)
-                position["matrices"].append(numbered["matrices"][(p.param_index, m)])
-                base = p.columns.start + (m - first_matrix) * p.cols
-                local["columns"] += range(base, base + p.cols)
-                start = column_start[(p.param_index, m)]
-                position["columns"] += range(start, start + p.cols)
+    pieces = {p.param_index: p for p in mine.pieces}
+    # Only the shared entries are visited (a few per boundary), not every row of every piece.
+    for (index, row), i in numbered["rows"].items():
+        p = pieces.get(index)
+        first = None if p is None else p.elements.start // p.cols
+        if p is not None and first <= row < first + p.rows.numel:
+            local["rows"].append(p.rows.start + row - first)
+            position["rows"].append(i)
+    for (index, m), i in numbered["matrices"].items():
+        p = pieces.get(index)
+        first = None if p is None else p.elements.start // (p.cols * p.shape[-2])
+        if p is not None and first <= m < first + p.matrices.numel:
+            local["matrices"].append(p.matrices.start + m - first)
+            position["matrices"].append(i)
+            base = p.columns.start + (m - first) * p.cols
+            local["columns"] += range(base, base + p.cols)
+            start = column_start[(index, m)]
+            position["columns"] += range(start, start + p.cols)
     as_tensor = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in local.items()}
     positions = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in position.items()}
     sizes = {"rows": len(numbered["rows"]), "columns": column_offset,
