@@ -14,10 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 
-from shardadam import ShardedAdam
+from shardadam import ShardedAdafactor, ShardedAdam, ShardedLamb
 
 TINY_BUCKETS = 0.0002  # MiB: several buckets
 SETTINGS = [(2, comm) for comm in ("native", "all_reduce", "pairwise", "ring")] + [(1, "native")]
+STEP_COLLECTIVES = {"Lamb": ShardedLamb, "Adafactor": ShardedAdafactor}
+"""Members whose step() makes collectives of its own (per-tensor and row/column sums)."""
 """Stage 1 all-reduces gradients whatever the mode: one of its modes is enough."""
 
 
@@ -48,12 +50,14 @@ def rank_loss(model: TwoBranch, rank: int, step: int, reentrant: bool = False) -
     return model(x, use_b=rank == 0, reentrant=reentrant).pow(2).mean()
 
 
-def one_process(steps: int, reentrant: bool = False, backwards: int = 1, **kwargs) -> list:
+def one_process(
+    steps: int, reentrant: bool = False, backwards: int = 1, cls: type = ShardedAdam, **kwargs
+) -> list:
     """The reference: one process, the mean of both ranks' losses, ``backwards`` backward
     passes (gradients adding up in p.grad) per step."""
     model = TwoBranch()
     kwargs.setdefault("learning_rate", 0.05)
-    opt = ShardedAdam(model.named_parameters(), jit_compile=False, **kwargs)
+    opt = cls(model.named_parameters(), jit_compile=False, **kwargs)
     for step in range(steps):
         opt.zero_grad()
         for _ in range(backwards):
@@ -67,10 +71,16 @@ def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def build(stage: int = 2, comm: str = "pairwise", model: TwoBranch | None = None, **kwargs):
+def build(
+    stage: int = 2,
+    comm: str = "pairwise",
+    model: TwoBranch | None = None,
+    cls: type = ShardedAdam,
+    **kwargs,
+):
     model = model or TwoBranch()
     kwargs.setdefault("learning_rate", 0.05)
-    opt = ShardedAdam(
+    opt = cls(
         model.named_parameters(),
         jit_compile=False,
         stage=stage,
@@ -82,10 +92,14 @@ def build(stage: int = 2, comm: str = "pairwise", model: TwoBranch | None = None
 
 
 def user_collective_between_backward_and_step(rank: int, world_size: int) -> dict:
-    """A logging all_reduce after backward (branch b unused on rank 1) in every comm mode."""
+    """A logging all_reduce after backward (branch b unused on rank 1) in every comm mode, and
+    with the members whose step makes collectives of its own."""
     out = {}
-    for stage, comm in SETTINGS:
-        model, opt = build(stage, comm)
+    settings = [(stage, comm, "Adam") for stage, comm in SETTINGS]
+    settings += [(2, "native", name) for name in STEP_COLLECTIVES]
+    for stage, comm, member in settings:
+        cls = STEP_COLLECTIVES.get(member, ShardedAdam)
+        model, opt = build(stage, comm, cls=cls)
         logged = []
         for step in range(2):
             opt.zero_grad()
@@ -95,7 +109,7 @@ def user_collective_between_backward_and_step(rank: int, world_size: int) -> dic
             dist.all_reduce(value)  # what a logger does
             logged.append(float(value))
             opt.step()
-        out[(stage, comm)] = {"params": params_of(model), "logged": logged}
+        out[(stage, comm, member)] = {"params": params_of(model), "logged": logged}
     return out
 
 
