@@ -12,6 +12,7 @@ import torch
 from shardadam import checkpoint
 from shardadam.optimizers import (
     FAMILY,
+    ShardedAdafactor,
     ShardedAdagrad,
     ShardedAdam,
     ShardedAdamW,
@@ -145,6 +146,17 @@ def test_the_memory_report_counts_every_slot_of_the_rule(cls, slots):
     assert report["slots"] == len(slots) * per_slot
     assert report["optimizer_state"] == len(slots) * per_slot + per_slot + master
     assert report["moments"] == report["amsgrad_max"] == 0  # Adam's own slots: none here
+
+
+def test_the_memory_report_counts_adafactors_rows_and_columns():
+    """velocity for every element, plus r (4) and c (8) of the one 4 x 8 matrix, in float32."""
+    params = unpadded_params()
+    opt = ShardedAdafactor(params, jit_compile=False)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    per_slot = sum(np.zeros(tuple(p.shape), np.float32).nbytes for p in params)
+    assert opt.memory_report()["slots"] == per_slot + (4 + 8) * 4
 
 
 def test_the_memory_report_keeps_adams_keys():
