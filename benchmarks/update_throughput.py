@@ -266,7 +266,7 @@ class OurUpdate:
             r, c, layout.per_row(layout.matrix_sums(r)), own, static
         )
         self.rows_columns = (r, c)
-        estimate = layout.outer(rows, columns, r.numel() * FACTORED_COLUMNS)
+        estimate = layout.outer(rows, columns, out=torch.empty(r.numel() * FACTORED_COLUMNS))
         return torch.stack([estimate, layout.mask(estimate.numel(), estimate.dtype)])
 
 

@@ -27,10 +27,15 @@ from torch import Tensor
 
 from .buffers import FlatBuffer
 from .comm import Communicator
-from .layout import BufferLayout, Range
+from .layout import BufferLayout, Range, complement
 
 ROWS, COLUMNS = "r", "c"
 """The two kinds of factored state, under the names of Keras's Adafactor variables."""
+
+FACTORED_ROWS = ("estimate", "factored")
+"""What the engine hands a factored rule's terms and update per element, as the first rows of
+its ``factors``: the product of the element's row and column values, and 1 where the element
+belongs to a factored tensor (0 elsewhere)."""
 
 
 def is_factored(shape: tuple[int, ...]) -> bool:
@@ -183,15 +188,21 @@ class FactoredLayout:
             out[p.rows.slice] = matrix_sums[p.matrices.slice][matrix_of_row] / c_div
         return out
 
-    def outer(self, row_values: Tensor, column_values: Tensor, numel: int) -> Tensor:
-        """``[numel]`` (the shard): each element of a factored piece gets its row's value times
-        its column's value; other elements 0."""
-        out = row_values.new_zeros(numel)
+    def outer(self, row_values: Tensor, column_values: Tensor, out: Tensor) -> Tensor:
+        """``out`` (``[shard numel]``): each element of a factored piece gets its row's value
+        times its column's value; other elements 0."""
         for p, matrix_of_row in zip(self.pieces, self._matrix_of_row):
             rows = row_values[p.rows.slice].unsqueeze(1)
             columns = column_values[p.columns.slice].view(-1, p.cols)
-            grid = rows * (columns if p.matrices.numel == 1 else columns[matrix_of_row])
-            out[p.local.slice] = grid.view(-1)[p.lead : p.lead + p.local.numel]
+            if p.matrices.numel > 1:
+                columns = columns[matrix_of_row]
+            target = out[p.local.slice]
+            if p.lead == 0 and p.local.numel == p.rows.numel * p.cols:  # whole rows: no copy
+                torch.mul(rows, columns, out=target.view(-1, p.cols))
+            else:
+                target.copy_((rows * columns).view(-1)[p.lead : p.lead + p.local.numel])
+        for gap in complement([p.local for p in self.pieces], out.numel()):
+            out[gap.slice] = 0
         return out
 
     def mask(self, numel: int, dtype: torch.dtype) -> Tensor:

@@ -130,6 +130,18 @@ class BufferLayout:
         return "\n".join(lines)
 
 
+def complement(ranges: list[Range], numel: int) -> list[Range]:
+    """The parts of [0, numel) outside the sorted, disjoint ``ranges``."""
+    gaps, offset = [], 0
+    for r in ranges:
+        if r.start > offset:
+            gaps.append(Range(offset, r.start))
+        offset = r.end
+    if numel > offset:
+        gaps.append(Range(offset, numel))
+    return gaps
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

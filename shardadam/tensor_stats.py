@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .buffers import FlatBuffer
 from .comm import Communicator
+from .layout import complement
 
 
 class TensorStatistics:
@@ -49,11 +50,14 @@ class TensorStatistics:
         return torch.tensor(counts, dtype=dtype, device=buffer.device)
 
     @staticmethod
-    def per_element(buffer: FlatBuffer, per_tensor: Tensor) -> Tensor:
+    def per_element(buffer: FlatBuffer, per_tensor: Tensor, out: Tensor | None = None) -> Tensor:
         """``[j, shard numel]``: each element's value of ``per_tensor`` (``[j, tensors]``),
-        0 on padding."""
-        out = per_tensor.new_zeros(per_tensor.shape[0], buffer.shard.numel)
+        0 on padding; written into ``out`` if given."""
+        if out is None:
+            out = per_tensor.new_empty(per_tensor.shape[0], buffer.shard.numel)
         for piece in buffer.pieces:
             value = per_tensor[:, piece.param_index : piece.param_index + 1]
             out[:, piece.local.slice] = value.expand(-1, piece.local.numel)
+        for gap in complement([p.local for p in buffer.pieces], buffer.shard.numel):
+            out[:, gap.slice] = 0
         return out

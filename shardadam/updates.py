@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .config import OptimizerOptions
 from .decay import DecayExclusions
+from .factored import FACTORED_ROWS
 from .functional import (
     ENGINE_SCALARS,
     GRAD_SCALE_FROM_END,
@@ -179,42 +180,50 @@ class ShardUpdater:
         calls = self._kernel_calls(scalars, grad_masks, grad_scale)
         if self.tensor_stats is None:
             return [self.runner(shard_step_, eager, *args) for eager, args in calls]
-        factored = None if self.sharded.factored is None else self._factored_factors(calls)
-        factors = self._tensor_factors(calls, factored)
+        # One [rows, shard numel] tensor per buffer: a factored rule's rows, then the rule's
+        # per-tensor factors, each phase writing its own rows (no copies between them).
+        first = 0 if self.sharded.factored is None else len(FACTORED_ROWS)
+        rows = first + len(self.rule.TENSOR_FACTORS)
+        factors = [
+            torch.empty(
+                rows, args[2].numel(), dtype=compute_dtype(args[2].dtype), device=args[2].device
+            )
+            for _, args in calls
+        ]
+        if self.sharded.factored is not None:
+            self._factored_factors(calls, [f[:first] for f in factors])
+        self._tensor_factors(calls, factors, first)
         return [
             self.runner(shard_step_, eager, *args, f) for (eager, args), f in zip(calls, factors)
         ]
 
     def _tensor_factors(
-        self, calls: list[tuple[Any, tuple]], factored: list[Tensor] | None
-    ) -> list[Tensor]:
+        self, calls: list[tuple[Any, tuple]], factors: list[Tensor], first: int
+    ) -> None:
         """Note [per-tensor statistics] (in ``functional``): per buffer, each element's factors
-        from the rule's terms summed over its tensor on every rank (one all-reduce); after a
-        factored rule's own (``factored``), which its terms read too."""
+        from the rule's terms summed over its tensor on every rank (one all-reduce), written
+        into rows ``first:`` of ``factors``; the rows before (a factored rule's) are the terms'
+        input."""
         terms = []
-        for b, (_, args) in enumerate(calls):
-            extra = () if factored is None else (factored[b],)
+        for (_, args), out in zip(calls, factors):
+            extra = (out[:first],) if first else ()
             inputs = _terms_inputs(args)
             terms.append(self.runner(shard_tensor_terms, shard_tensor_terms, *inputs, *extra))
         sums = self.tensor_stats.sum_per_tensor(terms)
-        factors = []
-        for b, (buffer, per_tensor, (_, args)) in enumerate(zip(self.sharded.buffers, sums, calls)):
+        for buffer, per_tensor, (_, args), out in zip(self.sharded.buffers, sums, calls, factors):
             static, device_scalars = args[1], args[-1]
             sizes = self.tensor_stats.sizes(buffer, per_tensor.dtype)
             per_tensor = self.rule.tensor_factors(
                 per_tensor, sizes, device_scalars[:-ENGINE_SCALARS], static
             )
-            per_element = self.tensor_stats.per_element(buffer, per_tensor)
-            factors.append(
-                per_element if factored is None else torch.cat([factored[b], per_element])
-            )
-        return factors
+            self.tensor_stats.per_element(buffer, per_tensor, out=out[first:])
 
-    def _factored_factors(self, calls: list[tuple[Any, tuple]]) -> list[Tensor]:
+    def _factored_factors(self, calls: list[tuple[Any, tuple]], factors: list[Tensor]) -> None:
         """Note [factored state] (in ``factored``): advance each buffer's row and column state
-        from the means of the rule's terms (one all-reduce), then per element the product of
-        its row's and column's values (the rows' matrix means: one more) and a 0/1 mask of the
-        factored elements, ``[2, shard numel]``. Parameters without a gradient keep theirs."""
+        from the means of the rule's terms (one all-reduce), then write into ``factors[b]``
+        (``FACTORED_ROWS``) each element's product of its row's and column's values (the rows'
+        matrix means: one more) and a 0/1 mask of the factored elements. Parameters without a
+        gradient keep their rows and columns."""
         stats = self.sharded.factored
         terms = [
             self.runner(shard_row_col_terms, shard_row_col_terms, *_terms_inputs(args))
@@ -232,18 +241,17 @@ class ShardUpdater:
             layout.keep_(self.absent[b], c, state["c"], "columns")
             new_state.append((r, c))
         matrix_means = stats.matrix_means([r for r, _ in new_state])
-        factors = []
-        for b, ((r, c), r_means, (_, args)) in enumerate(zip(new_state, matrix_means, calls)):
+        for b, ((r, c), r_means, (_, args), out) in enumerate(
+            zip(new_state, matrix_means, calls, factors)
+        ):
             state, layout = self.sharded.shard_states[b].factored, stats.layout(b)
-            numel = self.sharded.buffers[b].shard.numel
             rows, columns = self.rule.factored_values(
                 r, c, r_means, args[-1][:-ENGINE_SCALARS], args[1]
             )
-            estimate = layout.outer(rows, columns, numel)
-            factors.append(torch.stack([estimate, layout.mask(numel, estimate.dtype)]))
+            layout.outer(rows, columns, out=out[0])
+            out[1].copy_(layout.mask(out.shape[1], out.dtype))
             state["r"].copy_(r)
             state["c"].copy_(c)
-        return factors
 
     def _kernel_calls(
         self,

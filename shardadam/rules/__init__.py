@@ -54,10 +54,12 @@ A per-tensor rule, whose update needs statistics of each whole tensor (Lamb's tr
     Pure: the elementwise terms ``[len(TENSOR_STATS), n]`` whose sums over each tensor it needs,
     from the same inputs as ``update``. The engine sums them over each tensor on every rank
     (a shard boundary may cut a tensor) with one small all-reduce per step.
+``TENSOR_FACTORS``
+    The names of the per-tensor values ``tensor_factors`` gives, e.g. ``("trust_ratio",)``.
 ``tensor_factors(sums, sizes, scalars, static)``
     Pure, on small tensors: from the sums ``[len(TENSOR_STATS), tensors]`` (``sizes``: each
     tensor's element count, for means), the values
-    ``[j, tensors]`` its update reads per tensor (Lamb: the trust ratio, ``j = 1``).
+    ``[len(TENSOR_FACTORS), tensors]`` its update reads per tensor (Lamb: the trust ratio).
 ``update`` and ``update_`` then take a sixth argument, ``factors`` (``[j, n]``: each element's
 values of its own tensor; 0 on padding).
 

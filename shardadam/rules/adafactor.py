@@ -45,6 +45,10 @@ shape[-1:]), named as Keras's attributes ``_r`` and ``_c``; 0 at the start."""
 TENSOR_STATS = ("weight_sq", "update_sq")
 """Per-tensor sums of ``tensor_terms``: sum of w^2 and of u^2 (their means are the RMS)."""
 
+TENSOR_FACTORS = ("alpha", "divisor")
+"""The rows of ``tensor_factors``: the step max(epsilon_2, rms(w)) * rho_t, and
+max(1, rms(u) / clip_threshold)."""
+
 
 class AdafactorScalars(NamedTuple):
     step_size: Tensor

@@ -30,6 +30,9 @@ GROUP_KEYS = {"beta_1": ("betas", 0), "beta_2": ("betas", 1), "epsilon": ("eps",
 TENSOR_STATS = ("weight_sq", "update_sq")
 """Per-tensor sums of ``tensor_terms``: ||w||^2 and ||u||^2."""
 
+TENSOR_FACTORS = ("trust_ratio",)
+"""The rows of ``tensor_factors``."""
+
 
 class LambScalars(NamedTuple):
     learning_rate: Tensor

@@ -88,7 +88,8 @@ def test_each_rank_holds_the_whole_tensors_statistics(world_size, align):
         terms = buffer.shard_param.clone()
         ((row_means, col_means),) = stats.row_col_means([terms])
         (matrix_means,) = stats.matrix_means([row_means])
-        outer = stats.layout(0).outer(row_means / matrix_means, col_means, buffer.shard.numel)
+        outer = torch.full((buffer.shard.numel,), float("nan"))  # each element written
+        stats.layout(0).outer(row_means / matrix_means, col_means, out=outer)
         return stats.layout(0), row_means, col_means, matrix_means, outer, buffer.shard
 
     for fl, row_means, col_means, matrix_means, outer, shard in run_ranks(world_size, rank_fn):

@@ -142,7 +142,7 @@ def _factored_step(rule, layout, state, weights, grad, slots, scalars, static):
     r, c = rule.factored_state(*state, row_means, col_means, scalars, static)
     r_means = layout.per_row(layout.matrix_sums(r))
     rows, columns = rule.factored_values(r, c, r_means, scalars, static)
-    estimate = layout.outer(rows, columns, grad.numel())
+    estimate = layout.outer(rows, columns, out=torch.empty(grad.numel()))
     return (r, c), torch.stack([estimate, layout.mask(grad.numel(), estimate.dtype)])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shardadam.layout import Range
 from shardadam.rules import lamb
 from shardadam.tensor_stats import TensorStatistics
 from tests.unit.rules.keras_driver import assert_matches_keras
@@ -61,7 +62,7 @@ def test_bad_arguments_name_themselves(name, value, allowed):
 class _Piece:
     def __init__(self, param_index, start, end):
         self.param_index = param_index
-        self.local = type("R", (), {"slice": slice(start, end), "numel": end - start})()
+        self.local = Range(start, end)
 
 
 class _Buffer:
