@@ -20,6 +20,7 @@ Note [factored state]
 from __future__ import annotations
 
 import dataclasses
+import functools
 from math import prod
 
 import torch
@@ -342,12 +343,13 @@ class FactoredStatistics:
         sizes = [layout.shared.size[k] for layout, k in zip(layouts, kinds)]
         if not any(sizes):
             return  # no boundary cuts a row or a matrix: every sum is whole already
-        vector = partial[0].new_zeros(sum(sizes))
+        dtype = functools.reduce(torch.promote_types, [v.dtype for v in partial])
+        vector = partial[0].new_zeros(sum(sizes), dtype=dtype)  # float64 buffers stay exact
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         for values, layout, kind, offset in zip(partial, layouts, kinds, offsets):
             shared = layout.shared
-            vector[shared.position[kind] + offset] = values[shared.local[kind]]
+            vector[shared.position[kind] + offset] = values[shared.local[kind]].to(dtype)
         self.comm.all_reduce_sum_(vector)
         for values, layout, kind, offset in zip(partial, layouts, kinds, offsets):
             shared = layout.shared
-            values[shared.local[kind]] = vector[shared.position[kind] + offset]
+            values[shared.local[kind]] = vector[shared.position[kind] + offset].to(values.dtype)

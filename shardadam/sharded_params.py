@@ -93,7 +93,7 @@ class ShardedParams:
             b = len(self.buffers)
             self.buffers.append(buffer)
             self.buffer_groups.append(group_index)
-            self.shard_states.append(self._new_shard_state(buffer, group, ema_started))
+            self.shard_states.append(self._new_shard_state(b, group, ema_started))
             self.bind(b)
             self.position_of.update((id(p), (b, i)) for i, p in enumerate(buffer.params))
         return range(first, len(self.buffers))
@@ -211,9 +211,8 @@ class ShardedParams:
                 f"rank {more_rank}; every rank must pass the same parameters in the same order"
             )
 
-    def _new_shard_state(
-        self, buffer: FlatBuffer, group: dict[str, Any], ema_started: bool
-    ) -> ShardState:
+    def _new_shard_state(self, b: int, group: dict[str, Any], ema_started: bool) -> ShardState:
+        buffer = self.buffers[b]
         dtype = compute_dtype(buffer.dtype)
 
         def zeros() -> Tensor:
@@ -227,5 +226,5 @@ class ShardedParams:
             weights = buffer.shard_param if state.master is None else state.master
             state.ema = weights.to(dtype, copy=True) if ema_started else zeros()
         if self.factored is not None:
-            state.factored = self.factored.new_state(self.buffers.index(buffer), dtype)
+            state.factored = self.factored.new_state(b, dtype)
         return state

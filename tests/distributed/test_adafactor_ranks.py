@@ -14,15 +14,20 @@ from shardadam import ShardedAdafactor
 from tests.distributed.spawn import run_ranks
 
 WORLD_SIZE = 3
-SHAPES = {"embed": (300, 4), "stack": (60, 2, 3), "row": (1, 30), "bias": (24,)}
+SHAPES = {"embed": (300, 4), "stack": (60, 2, 3), "row": (1, 30), "bias": (24,), "double": (7, 9)}
 """Tall and many-matrix tensors, whose rows and columns a rank holds about 1/W of, cut by
-boundaries at W=3 (one buffer of 3 x 538)."""
+boundaries at W=3 (one float32 buffer of 3 x 538), and a float64 tensor in a buffer of its own
+(whose rows and columns the all-reduce carries with the float32 ones, in float64)."""
+DTYPES = {"double": torch.float64}
 STEPS, RESAVED_AT = 6, 3
 
 
 def grads(rank: int, world_size: int, step: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 * step + rank)
-    out = {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
+    out = {
+        n: torch.randn(s, generator=gen, dtype=DTYPES.get(n, torch.float32))
+        for n, s in SHAPES.items()
+    }
     out["embed"][5:9] = 0  # rows without gradient: epsilon_1 keeps them finite
     return out
 
@@ -34,7 +39,10 @@ def mean_grads(world_size: int, step: int) -> dict[str, torch.Tensor]:
 
 def make(world_size: int, jit: bool):
     torch.manual_seed(0)
-    params = {n: torch.nn.Parameter(torch.randn(s)) for n, s in SHAPES.items()}
+    params = {
+        n: torch.nn.Parameter(torch.randn(s, dtype=DTYPES.get(n, torch.float32)))
+        for n, s in SHAPES.items()
+    }
     opt = ShardedAdafactor(
         list(params.items()), learning_rate=0.05, weight_decay=0.01, clip_threshold=0.5,
         jit_compile=jit, bucket_cap_mb=1, align_numel=4,
@@ -107,8 +115,9 @@ def test_each_rank_keeps_the_rows_and_columns_of_its_elements():
     whole = sum(prod(s[:-1]) + prod(s[:-2]) * s[-1] for s in SHAPES.values() if len(s) >= 2)
     held = [r["held"] for r in results()]
     # Together the ranks hold each entry once, but for the rows and matrices a boundary cuts
-    # (one row and one matrix's columns per cut: at most 1 + 4 here), and a rank holds only
+    # (one row and one matrix's columns per cut: at most 1 + 4 in the float32 buffer, 1 + 9 in
+    # the float64 one), and a rank holds only
     # what its share of the elements touches (not the whole tensors' rows and columns).
-    assert whole <= sum(held) <= whole + (WORLD_SIZE - 1) * (1 + 4), (held, whole)
+    assert whole <= sum(held) <= whole + (WORLD_SIZE - 1) * (1 + 4 + 1 + 9), (held, whole)
     for result in results():
         assert result["held"] <= result["bound"], result
