@@ -147,10 +147,6 @@ class FactoredLayout:
         self._column_divisor = column_divisor
         self.shared = _shared_entries(layout, rank, self, device)
 
-    def split(self, values: Tensor, kind: str) -> list[Tensor]:
-        """Per piece, its part of a row, column or matrix vector."""
-        return [values[getattr(p, kind).slice] for p in self.pieces]
-
     def row_col_sums(self, terms: Tensor) -> tuple[Tensor, Tensor]:
         """This rank's sums of the elementwise ``terms`` (``[shard numel]``) over each row and
         each column of its pieces (partial where a boundary cuts a row or a matrix)."""
